@@ -1,0 +1,842 @@
+"""
+exit.py: a language model teaches itself to program, by expert iteration.
+
+A ~3.5M-parameter Llama-style transformer starts from random weights and learns to write programs
+for the tiny accumulator machine in lmc.py from input/output examples alone, with no human-written
+code. Each iteration it SEARCHES for programs on a batch of tasks, guided by its own policy and
+outcome predictions, puts every program it wrote into a replay buffer, and LEARNS from that buffer
+by next-token prediction, with high-reward programs drawn more often. This file implements
+"Towards self-improving language models for code generation" (../shared/seeds, sections 2-3,
+appendix C) top to bottom:
+
+    tokenization -> model -> policy and value -> sampling & filtering -> Gumbel MCTS ->
+    replay buffers -> training step -> evaluation -> checkpoint -> main (the expert-iteration loop)
+
+Run it:
+    python exit.py --task add4                  # learns add-2..4 from scratch (minutes on a laptop)
+    python exit.py --task add4 --search mcts    # the same with Gumbel MCTS as the searcher
+    python exit.py --eval_only --ckpt runs/add4/ckpt.pt --task add6   # try a saved agent elsewhere
+
+Where we depart from the paper, and why:
+- Eq. 1 sums the log-probabilities of a code unit's bytes. We restrict each byte's distribution
+  to the bytes that can continue some code unit (after "BR" only A, Z or P) and write every unit
+  with a trailing space, so that ADD and ADDL are told apart. A trained model puts nearly all its
+  mass on those bytes anyway, so the two agree; but at random init every byte has probability
+  ~1/256, and the literal sum makes a digit 256^2 times likelier than HLT: the untrained agent
+  never halts, and learns only to write digits (we measured it).
+- The outcome slot "O:x" is read by the model as "O:?": the outcome is a training target only, so
+  no later position can copy it (SPEC section 5).
+- An outcome digit d is valued at d/9 (exact for 3 or 9 examples, close for 4).
+- Policy-buffer priority is the fraction of hidden test pairs passed, plus a small floor so that
+  every trajectory stays drawable (the authors' follow-up work); the outcome buffer is uniform.
+- The epsilon-greedy outcome sampler takes the policy's most likely unit, or with probability
+  epsilon a uniformly random one.
+- Held-out evaluation is measurement, not part of the method: its FLOPs are not counted.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lmc
+from lmc import CODE_UNITS, MAX_LENGTH, OUTCOMES
+
+# ----------------------------------------------------------------------------------------------
+# Knobs. Parsed only in main(), so that tests can import this file without side effects.
+
+parser = argparse.ArgumentParser(description="Expert iteration for code generation on the LMC.")
+# task
+parser.add_argument("--task", default="add4", help="add2..add9, random, or a .jsonl task file")
+parser.add_argument("--num_tasks", type=int, default=32, help="training tasks searched per iteration")
+parser.add_argument("--num_heldout", type=int, default=100, help="held-out tasks for evaluation")
+parser.add_argument("--target", type=float, default=1.0, help="stop at this held-out solved fraction")
+parser.add_argument("--max_iters", type=int, default=200, help="stop after this many iterations")
+# model (paper 3.1)
+parser.add_argument("--dim", type=int, default=256, help="model width")
+parser.add_argument("--n_layers", type=int, default=4, help="transformer layers")
+parser.add_argument("--n_heads", type=int, default=4, help="attention heads")
+# search
+parser.add_argument("--search", default="sf", choices=["sf", "mcts"], help="the searcher")
+parser.add_argument("--num_rollouts", type=int, default=32, help="S&F samples per task")
+parser.add_argument("--gen_temperature", type=float, default=None, help="S&F temperature (1.2 add, 1.5 random)")
+parser.add_argument("--eval_temperature", type=float, default=None, help="held-out sampling temperature (0.8 add, 1.0 random)")
+parser.add_argument("--eval_rollouts", type=int, default=1, help="held-out: best of this many samples on the train pairs")
+parser.add_argument("--epsilon", type=float, default=0.2, help="outcome sampler: chance of a random unit")
+parser.add_argument("--outcome_rollouts", type=int, default=4, help="epsilon-greedy episodes per task for the outcome buffer")
+parser.add_argument("--num_simulations", type=int, default=16, help="MCTS simulations per decision")
+parser.add_argument("--max_num_considered_actions", type=int, default=16, help="MCTS: m of Gumbel-top-m")
+parser.add_argument("--gumbel_scale", type=float, default=1.0, help="MCTS: scale of the root Gumbel noise")
+parser.add_argument("--c_visit", type=float, default=50.0, help="MCTS: sigma's visit offset")
+parser.add_argument("--c_scale", type=float, default=0.1, help="MCTS: sigma's value scale")
+parser.add_argument("--mcts_prior", default="policy", choices=["policy", "uniform"], help="MCTS prior logits")
+parser.add_argument("--mcts_value", default="model", choices=["model", "zero"], help="MCTS leaf values")
+# training
+parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (2e-4 add, 5e-5 random)")
+parser.add_argument("--batch_size", type=int, default=32, help="trajectories per batch, from each buffer")
+parser.add_argument("--train_steps", type=int, default=8, help="gradient steps per iteration")
+parser.add_argument("--buffer_size", type=int, default=20000, help="capacity of each replay buffer")
+# system
+parser.add_argument("--seed", type=int, default=0, help="one seed for the whole run")
+parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
+parser.add_argument("--out_dir", default=None, help="log and checkpoint folder (default runs/<task>)")
+parser.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
+parser.add_argument("--eval_only", action="store_true", help="evaluate --ckpt on --task and exit")
+parser.add_argument("--ckpt", default=None, help="checkpoint for --eval_only")
+parser.add_argument("--show_every", type=int, default=5, help="show a found program every N iterations")
+
+# Appendix C, table 3: per task family (a task file uses the add settings)
+FAMILY_DEFAULTS = {"add": dict(lr=2e-4, gen_temperature=1.2, eval_temperature=0.8),
+                   "random": dict(lr=5e-5, gen_temperature=1.5, eval_temperature=1.0)}
+HELDOUT_SEED = "heldout"  # training draws its tasks from f"train-{seed}": the streams never meet
+
+
+class UserError(Exception):
+    """Bad input from the user: main() prints it as one line and exits non-zero."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization (paper 2.2): UTF-8 bytes, one token per byte.
+# A trajectory reads  inputs=[[3, 5], [4, 8]]outputs=[8, 12]\nO:9 A:ADD O:9 A:0 O:9 A:HLT
+# The model reads "O:?" at every outcome slot; the outcome digit or letter is only a target.
+
+VOCAB_SIZE = 256
+MASK = ord("?")
+SUFFIX = b"O:? A:"  # what follows every code unit: an outcome slot, then the next action
+UNIT_WIDTH = 5  # the longest code unit plus its trailing space, "ADDL "
+SEGMENT = UNIT_WIDTH + len(SUFFIX)  # one step of the program string, right-aligned, padded
+PAD = 0  # padding byte; padded positions are never attended to
+OUTCOME_IDS = torch.tensor([ord(o) for o in OUTCOMES])  # the 13 outcome bytes
+OUTCOME_REWARDS = torch.tensor([lmc.outcome_reward(o) for o in OUTCOMES])
+
+
+def prompt_bytes(task):
+    """The prompt: the train pairs in the paper's form, then a newline."""
+    return f"inputs={task.train_inputs}outputs={task.train_outputs}\n".encode()
+
+
+def encode_trajectory(task, program, outcome):
+    """Input bytes and two target rows for one trajectory.
+
+    Returns (x, y_policy, y_outcome): x is what the model reads, y_policy targets the bytes of
+    each code unit and its trailing space, y_outcome targets each outcome slot with the program's
+    outcome; -1 elsewhere (the prompt carries no loss).
+    """
+    written, role = list(prompt_bytes(task)), ["prompt"] * len(prompt_bytes(task))
+    for unit in program:
+        parts = ((b"O:", "-"), (outcome.encode(), "outcome"), (b" A:", "-"), (unit.encode() + b" ", "policy"))
+        for part, r in parts:
+            written += list(part)
+            role += [r] * len(part)
+    read = [MASK if r == "outcome" else b for b, r in zip(written, role)]
+    y_policy = [b if r == "policy" else -1 for b, r in zip(written, role)]
+    y_outcome = [b if r == "outcome" else -1 for b, r in zip(written, role)]
+    # position t reads byte t and predicts byte t + 1
+    return read[:-1], y_policy[1:], y_outcome[1:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: llama2.c's Llama-2 decoder, trimmed (RMSNorm, rotary embeddings, SwiGLU, SDPA attention).
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs of x (B, H, T, hd) by position-dependent angles (B, 1, T, hd/2)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, n_heads):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        B, T, C = x.shape
+        q, k, v = self.wqkv(x).split(C, dim=2)  # each (B, T, C)
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, hd)
+        if cache is not None:
+            # write this call's keys/values after the cached ones, then attend over all of them
+            start = cache.length
+            cache.k[layer][:, :, start : start + T] = k
+            cache.v[layer][:, :, start : start + T] = v
+            k, v = cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, dim, n_heads):
+        super().__init__()
+        self.attention_norm, self.ffn_norm = RMSNorm(dim), RMSNorm(dim)
+        self.attention = Attention(dim, n_heads)
+        self.feed_forward = FeedForward(dim, 3 * dim)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Byte-level decoder. It counts the FLOPs of its own forward passes in `self.flops`."""
+
+    def __init__(self, dim=256, n_layers=4, n_heads=4, max_pos=1024):
+        super().__init__()
+        self.dim, self.n_layers, self.n_heads = dim, n_layers, n_heads
+        self.tok_embeddings = nn.Embedding(VOCAB_SIZE, dim)
+        self.layers = nn.ModuleList(Block(dim, n_heads) for _ in range(n_layers))
+        self.norm = RMSNorm(dim)
+        self.output = nn.Linear(dim, VOCAB_SIZE, bias=False)
+        head_dim = dim // n_heads
+        freqs = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        angles = torch.outer(torch.arange(max_pos).float(), freqs)  # (max_pos, hd/2)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # scaled init of residual projections (GPT-2)
+            if name.endswith("wo.weight") or name.endswith("w2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+        # matmul parameters: every weight but the embedding table, which is a lookup
+        self.n_matmul = sum(p.numel() for p in self.parameters()) - self.tok_embeddings.weight.numel()
+        self.flops = 0.0  # FLOPs of every forward pass so far
+        self.tokens = 0  # tokens read so far (padding included)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, pos, mask=None, cache=None):
+        """Logits (B, T, 256) for tokens idx (B, T) at positions pos (B, T).
+
+        mask (B, T, Tc + T) says which keys each token sees (the Tc cached ones, then this call's);
+        None means plain causal attention with no cache (training). With a cache, this call's keys
+        and values are written after its `length` cached slots; the caller decides how many to keep.
+        """
+        B, T = idx.shape
+        x = self.tok_embeddings(idx)  # (B, T, C)
+        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hd/2)
+        if mask is not None:
+            mask = mask.unsqueeze(1)  # (B, 1, T, Tk): the same for every head
+        n_keys = T if cache is None else cache.length + T
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        # FLOPs: 2 per matmul weight per token, plus QK^T and AV: 4 * dim per key per layer
+        keys_per_query = (T + 1) / 2 if mask is None else n_keys
+        self.flops += B * T * (2 * self.n_matmul + 4 * self.n_layers * self.dim * keys_per_query)
+        self.tokens += B * T
+        return self.output(self.norm(x))  # (B, T, V)
+
+
+class KVCache:
+    """Keys and values of the tokens read so far, for B rows (one row per rollout or tree root).
+
+    Every row has the same number of slots (`length`); `visible` (B, slots) marks the slots that
+    later tokens may attend to (padding is not), and `next_pos` (B,) each row's next position.
+    """
+
+    def __init__(self, model, batch, slots, device):
+        shape = (batch, model.n_heads, slots, model.dim // model.n_heads)
+        self.k = [torch.zeros(shape, device=device) for _ in range(model.n_layers)]
+        self.v = [torch.zeros(shape, device=device) for _ in range(model.n_layers)]
+        self.visible = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+
+    def select(self, rows):
+        """Keep only these rows (a LongTensor of indices, repeats allowed), in that order."""
+        n = self.length
+        for kv in (self.k, self.v):
+            for i, t in enumerate(kv):
+                new = t.new_zeros((len(rows),) + t.shape[1:])
+                new[:, :, :n] = t[rows, :, :n]
+                kv[i] = new
+        self.visible = self.visible[rows]
+        self.next_pos = self.next_pos[rows]
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy and value (paper 2.2, eq. 1-2).
+# The 21 code units, each followed by its space, form a byte trie. A code unit's log-probability
+# is the sum of the log-probabilities of its bytes, each one restricted to the bytes that can
+# continue some code unit at that point of the trie (after "BR" only A, Z or P). Only the nodes
+# where the trie branches contribute: after "A:", "S", "LD", "BR", "ADD" and "SUB" ("ADD " or
+# "ADDL"). We read the prefixes on the way to them (A, AD, ADD, S, ...) as extra tokens in the
+# same forward pass: each attends to the context and to its own ancestors in the trie, at the
+# position it would have in the string, and none is stored in the cache. One model call thus
+# gives the policy and the value for a whole batch of states.
+
+
+def _build_trie():
+    """Trie tokens (the last byte of each prefix we read), their positions, which of them each
+    one sees, which bytes may follow each branching node, and which terms sum to eq. 1."""
+    units = [u.encode() + b" " for u in CODE_UNITS]
+    children = {}  # prefix -> the set of bytes that can follow it
+    for u in units:
+        for i in range(len(u)):
+            children.setdefault(u[:i], set()).add(u[i])
+    branching = [p for p, c in children.items() if len(c) > 1]
+    # the prefixes we must read: every non-empty prefix of a branching node
+    prefixes = sorted({b[:i] for b in branching for i in range(1, len(b) + 1)}, key=lambda p: (len(p), p))
+    nodes = [b""] + prefixes  # node 0 is the position right after "A:"
+    node = {p: i for i, p in enumerate(nodes)}
+    allowed = torch.zeros(len(nodes), VOCAB_SIZE, dtype=torch.bool)
+    for p in nodes:
+        for c in children.get(p, ()):
+            allowed[node[p], c] = True
+    # eq. 1: one (node, byte) term per branching point on the unit's way through the trie
+    terms = [[(node[u[:i]], u[i]) for i in range(len(u)) if u[:i] in branching] for u in units]
+    width = max(len(t) for t in terms)
+    gather = torch.tensor([[n * VOCAB_SIZE + b for n, b in t] + [0] * (width - len(t)) for t in terms])
+    keep = torch.tensor([[1.0] * len(t) + [0.0] * (width - len(t)) for t in terms])
+    ids = torch.tensor([p[-1] for p in prefixes])
+    depth = torch.tensor([len(p) for p in prefixes])
+    sees = torch.tensor([[pi.startswith(pj) for pj in prefixes] for pi in prefixes])
+    return ids, depth, sees, allowed, gather, keep
+
+
+TRIE_IDS, TRIE_DEPTH, TRIE_SEES, TRIE_ALLOWED, TRIE_GATHER, TRIE_KEEP = _build_trie()
+N_TRIE = len(TRIE_IDS)  # 10 prefix tokens: A AD ADD B BR L LD S SU SUB
+
+
+def unit_logits(logits):
+    """Eq. 1: u(a) for the 21 code units, from next-byte logits (B, 1 + N_TRIE, 256) after "A:"
+    and after each trie prefix. Each node's distribution is restricted to the bytes that continue
+    a code unit. The u(a) are log-probabilities (they sum to 1 in probability), and eq. 2 is
+    softmax(u / temperature)."""
+    allowed = TRIE_ALLOWED.to(logits.device)
+    logp = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1).masked_fill(~allowed, 0.0)
+    flat = logp.flatten(1)  # (B, nodes * 256)
+    return (flat[:, TRIE_GATHER.to(logits.device)] * TRIE_KEEP.to(logits.device)).sum(-1)  # (B, 21)
+
+
+def outcome_value(logits):
+    """Value of a state: the expected reward under the predicted outcome distribution.
+    logits (B, 256) at an outcome slot; returns (values (B,), outcome probabilities (B, 13))."""
+    probs = logits[:, OUTCOME_IDS.to(logits.device)].softmax(-1)  # restricted to T S R 0..9
+    return probs @ OUTCOME_REWARDS.to(logits.device), probs
+
+
+def _segment(unit):
+    """Tokens and visibility of one program step: the unit and its space right-aligned in
+    UNIT_WIDTH slots (padding first), then "O:? A:". unit "" is the first step (no unit yet);
+    None is a fully padded step that lets paths of different depths share one batch."""
+    body = b"" if not unit else unit.encode() + b" "
+    ids = [PAD] * (UNIT_WIDTH - len(body)) + list(body) + list(SUFFIX)
+    vis = [False] * (UNIT_WIDTH - len(body)) + [True] * (len(body) + len(SUFFIX))
+    if unit is None:
+        vis = [False] * SEGMENT
+    return ids, vis
+
+
+SEGMENTS = {u: _segment(u) for u in (None, "", *CODE_UNITS)}
+
+
+@torch.no_grad()
+def prefill(model, tasks, device):
+    """A cache holding each task's prompt (right-aligned: padding first), one row per task."""
+    prompts = [prompt_bytes(t) for t in tasks]
+    width = max(map(len, prompts))
+    slots = width + SEGMENT * (MAX_LENGTH + 1) + N_TRIE  # room for a whole episode and a trie
+    cache = KVCache(model, len(tasks), slots, device)
+    ids = torch.tensor([[PAD] * (width - len(p)) + list(p) for p in prompts], device=device)
+    vis = ids != PAD
+    pos = (vis.long().cumsum(1) - 1).clamp(min=0)  # (B, T) positions of real bytes from 0
+    eye = torch.eye(width, dtype=torch.bool, device=device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    mask = (causal & vis[:, None, :]) | eye  # (B, T, T); a pad sees only itself (no NaN rows)
+    model(ids, pos, mask, cache)
+    cache.visible[:, :width] = vis
+    cache.next_pos = vis.sum(1)
+    cache.length = width
+    return cache
+
+
+@torch.no_grad()
+def extend(model, cache, paths, store):
+    """Read one path of code units per cache row, and return the policy and value after it.
+
+    paths: B tuples of units, all of one length d (None pads a shorter path at its front). The
+    call reads d program steps, then the 13 trie tokens. Returns (prior_logits (B, 21) from eq. 1,
+    values (B,), outcome probabilities (B, 13)). With store=True the d steps stay in the cache
+    (the rollout moves on); otherwise the cache is left as it was (MCTS looks ahead).
+    """
+    device = cache.visible.device
+    B, d = len(paths), len(paths[0])
+    seg_ids = [[i for u in path for i in SEGMENTS[u][0]] for path in paths]
+    seg_vis = [[v for u in path for v in SEGMENTS[u][1]] for path in paths]
+    n_path = d * SEGMENT
+    ids = torch.cat([torch.tensor(seg_ids, device=device), TRIE_IDS.to(device).expand(B, -1)], 1)
+    vis_path = torch.tensor(seg_vis, device=device)  # (B, d * SEGMENT)
+    # positions: visible path bytes count up from next_pos; a trie prefix of length k sits k
+    # places after the final ':' of "A:"
+    pos_path = cache.next_pos[:, None] + vis_path.long().cumsum(1) - 1
+    last = pos_path[:, -1:]
+    pos = torch.cat([pos_path, last + TRIE_DEPTH.to(device)], 1)  # (B, T)
+    T = n_path + N_TRIE
+    # attention: causal over visible path bytes; trie tokens see the path and their ancestors
+    new = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    new[n_path:, n_path:] = TRIE_SEES.to(device)
+    vis_new = torch.cat([vis_path, torch.ones(B, N_TRIE, dtype=torch.bool, device=device)], 1)
+    new = (new & vis_new[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
+    old = cache.visible[:, None, : cache.length].expand(B, T, cache.length)
+    logits = model(ids, pos, torch.cat([old, new], 2), cache)  # (B, T, V)
+    trie_logits = logits[:, n_path - 1 :]  # (B, 1 + N_TRIE, V): after "A:", then each prefix
+    values, outcome_probs = outcome_value(logits[:, n_path - 5])  # the ':' of the last "O:"
+    if store:
+        cache.visible[:, cache.length : cache.length + n_path] = vis_path
+        cache.next_pos = last[:, 0] + 1
+        cache.length += n_path
+    return unit_logits(trie_logits), values, outcome_probs
+
+
+def choose_units(prior_logits, temperature, epsilon, generator):
+    """Pick one unit per row: sample softmax(logits / temperature), or the argmax when the
+    temperature is 0; with probability epsilon a uniformly random unit instead."""
+    B, A = prior_logits.shape
+    if temperature > 0:
+        probs = (prior_logits / temperature).softmax(-1)
+        units = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0]
+    else:
+        units = prior_logits.argmax(-1).cpu()
+    if epsilon > 0:
+        explore = torch.rand(B, generator=generator) < epsilon
+        units = torch.where(explore, torch.randint(A, (B,), generator=generator), units)
+    return units.tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling & filtering (paper 2.4.1)
+
+ROWS_PER_CALL = 512  # rollouts advanced together in one model call (bigger batches thrash memory)
+
+
+@torch.no_grad()
+def rollout(model, tasks, num_rollouts, temperature, epsilon, generator):
+    """num_rollouts programs for each task, written one code unit at a time from the policy.
+
+    Rows of all tasks advance together: each step is one batched model call over every unfinished
+    program. Each prompt is read once and its cache shared by that task's rollouts. A program ends
+    at HLT or at MAX_LENGTH units. Returns the programs, task-major (task 0's rollouts first).
+    """
+    device = next(model.parameters()).device
+    per_call = max(1, ROWS_PER_CALL // num_rollouts)
+    programs = []
+    for start in range(0, len(tasks), per_call):
+        chunk = tasks[start : start + per_call]
+        cache = prefill(model, chunk, device)
+        cache.select(torch.arange(len(chunk), device=device).repeat_interleave(num_rollouts))
+        progs = [[] for _ in range(len(chunk) * num_rollouts)]
+        active = list(range(len(progs)))  # rows of `progs` still being written, in cache order
+        while active:
+            last = [(progs[r][-1] if progs[r] else "",) for r in active]
+            prior_logits, _, _ = extend(model, cache, last, store=True)
+            for r, a in zip(active, choose_units(prior_logits, temperature, epsilon, generator)):
+                progs[r].append(CODE_UNITS[a])
+            keep = [i for i, r in enumerate(active) if progs[r][-1] != "HLT" and len(progs[r]) < MAX_LENGTH]
+            if len(keep) < len(active):  # drop finished programs from the batch
+                cache.select(torch.tensor(keep, dtype=torch.long, device=device))
+                active = [active[i] for i in keep]
+        programs += progs
+    return programs
+
+
+def best_of(task, programs):
+    """Filtering: the program with the highest score on the train pairs (the first, on ties)."""
+    return max(programs, key=lambda p: lmc.score(p, task.train_inputs, task.train_outputs)[1])
+
+
+def sample_and_filter(model, tasks, args, generator):
+    """Searcher: sampling & filtering (paper 2.4.1).
+
+    Samples args.num_rollouts programs per task at args.gen_temperature from the policy (eq. 2)
+    and keeps, per task, the one that scores best on the train pairs. Returns (best, trajectories):
+    the best program of each task, and every (task index, program) sampled, for the replay buffer.
+    """
+    programs = rollout(model, tasks, args.num_rollouts, args.gen_temperature, 0.0, generator)
+    R = args.num_rollouts
+    best = [best_of(task, programs[i * R : (i + 1) * R]) for i, task in enumerate(tasks)]
+    return best, [(i // R, p) for i, p in enumerate(programs)]
+
+
+SEARCHERS = {"sf": sample_and_filter}
+
+
+# ----------------------------------------------------------------------------------------------
+# Replay buffers (paper 2.3)
+
+
+class ReplayBuffer:
+    """A bounded buffer of trajectories, sampled with probability proportional to priority.
+
+    When full, the oldest trajectory makes room (first in, first out). The policy buffer gives
+    each trajectory the fraction of hidden test pairs its program passed (+ PRIORITY_FLOOR) as
+    priority, so good programs are trained on more often; the outcome buffer uses priority 1.
+    """
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.items, self.priorities = [], []
+        self.next = 0  # where the next item goes once the buffer is full
+
+    def __len__(self):
+        return len(self.items)
+
+    def add(self, item, priority):
+        if len(self.items) < self.capacity:
+            self.items.append(item)
+            self.priorities.append(priority)
+        else:
+            self.items[self.next], self.priorities[self.next] = item, priority
+            self.next = (self.next + 1) % self.capacity
+
+    def sample(self, n, generator):
+        weights = torch.tensor(self.priorities, dtype=torch.float)
+        picks = torch.multinomial(weights, n, replacement=True, generator=generator)
+        return [self.items[i] for i in picks.tolist()]
+
+
+PRIORITY_FLOOR = 1e-4  # a wrong or broken program is drawn only while nothing better exists
+
+
+# ----------------------------------------------------------------------------------------------
+# Training step: next-token loss on policy bytes (policy buffer) and outcome slots (outcome buffer)
+
+
+def make_batch(trajectories, which, device):
+    """Pad encoded trajectories into (x, y) tensors; y keeps only the `which` targets."""
+    rows = [encode_trajectory(task, program, outcome) for task, program, outcome in trajectories]
+    width = max(len(r[0]) for r in rows)
+    x = torch.full((len(rows), width), PAD, dtype=torch.long)
+    y = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, (ids, y_policy, y_outcome) in enumerate(rows):
+        x[i, : len(ids)] = torch.tensor(ids)
+        y[i, : len(ids)] = torch.tensor(y_policy if which == "policy" else y_outcome)
+    return x.to(device), y.to(device)
+
+
+def train_step(model, optimizer, policy_batch, outcome_batch):
+    """One AdamW step on the sum of the policy loss and the outcome loss; returns both."""
+    losses = []
+    optimizer.zero_grad(set_to_none=True)
+    for x, y in (policy_batch, outcome_batch):
+        pos = torch.arange(x.shape[1], device=x.device).expand_as(x)
+        flops = model.flops
+        logits = model(x, pos)  # plain causal attention; padding only follows real bytes
+        model.flops += 2 * (model.flops - flops)  # the backward pass costs twice the forward
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
+        loss.backward()
+        losses.append(loss.item())
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: held-out tasks, one submitted program each
+
+
+def evaluate(model, tasks, args, generator):
+    """The held-out solved fraction and the submitted programs.
+
+    The agent submits one program per task: one sample at args.eval_temperature, or the best of
+    args.eval_rollouts samples on the train pairs. A task is solved when that program passes all
+    its hidden test pairs. Evaluation is measurement, so its FLOPs are not added to the run's.
+    """
+    flops, tokens = model.flops, model.tokens
+    K = args.eval_rollouts
+    programs = rollout(model, tasks, K, args.eval_temperature, 0.0, generator)
+    submitted = [best_of(t, programs[i * K : (i + 1) * K]) for i, t in enumerate(tasks)]
+    solved = [lmc.score(p, t.test_inputs, t.test_outputs)[1] == 1.0 for p, t in zip(submitted, tasks)]
+    model.flops, model.tokens = flops, tokens
+    return sum(solved) / len(tasks), submitted
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint: one file with everything a resumed run needs. Only plain types and tensors go in,
+# so it loads with torch.load(weights_only=True).
+
+
+def buffer_state(buffer):
+    items = [(t.train_inputs, t.train_outputs, t.test_inputs, t.test_outputs, list(p), o)
+             for t, p, o in buffer.items]
+    return dict(capacity=buffer.capacity, items=items, priorities=buffer.priorities, next=buffer.next)
+
+
+def restore_buffer(state):
+    buffer = ReplayBuffer(state["capacity"])
+    buffer.items = [(lmc.Task(*item[:4]), tuple(item[4]), item[5]) for item in state["items"]]
+    buffer.priorities, buffer.next = list(state["priorities"]), state["next"]
+    return buffer
+
+
+def save_checkpoint(path, **state):
+    """Write the checkpoint atomically: a crash mid-save leaves the previous one intact."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, device):
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        assert isinstance(state, dict) and {"model", "args", "iteration"} <= state.keys()
+    except Exception as e:
+        raise UserError(f"cannot load checkpoint {path}: corrupt or not an exit checkpoint "
+                        f"({type(e).__name__})") from None
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# main: set up, then the expert-iteration loop
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}': use auto, cpu, cuda or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA GPU here")
+    return device
+
+
+def check_args(args):
+    """Fill the per-family defaults (appendix C) and reject values that make no sense."""
+    family = "random" if args.task == "random" else "add"
+    for key, value in FAMILY_DEFAULTS[family].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    positive = ["num_tasks", "num_heldout", "num_rollouts", "eval_rollouts", "num_simulations",
+                "max_num_considered_actions", "batch_size", "buffer_size", "show_every", "dim",
+                "n_layers", "n_heads"]
+    for key in positive:
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key} must be at least 1, got {getattr(args, key)}")
+    for key in ["outcome_rollouts", "train_steps", "max_iters", "gumbel_scale", "c_visit", "c_scale"]:
+        if getattr(args, key) < 0:
+            raise UserError(f"--{key} must not be negative, got {getattr(args, key)}")
+    for key in ["gen_temperature", "eval_temperature", "lr"]:
+        if not getattr(args, key) > 0:
+            raise UserError(f"--{key} must be positive, got {getattr(args, key)}")
+    for key in ["epsilon", "target"]:
+        if not 0 <= getattr(args, key) <= 1:
+            raise UserError(f"--{key} must lie in 0..1, got {getattr(args, key)}")
+    if args.dim % args.n_heads or (args.dim // args.n_heads) % 2:
+        raise UserError(f"--dim {args.dim} must split into --n_heads {args.n_heads} even-sized heads")
+    if args.search not in SEARCHERS:
+        raise UserError(f"--search {args.search} is not built yet")
+    return args
+
+
+def task_source(args):
+    """(tasks for iteration i, held-out tasks). A task family draws fresh training tasks each
+    iteration; a task file is searched round-robin and is its own held-out set."""
+    try:
+        heldout = lmc.make_tasks(args.task, args.num_heldout, HELDOUT_SEED)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if heldout[0].program is None:  # a task file
+        tasks = heldout
+
+        def draw(i):
+            return [tasks[(i * args.num_tasks + j) % len(tasks)] for j in range(args.num_tasks)]
+    else:
+
+        def draw(i):
+            return lmc.make_tasks(args.task, args.num_tasks, f"train-{args.seed}-{i}")
+
+    return draw, heldout
+
+
+def fmt_flops(x):
+    return f"{x:.2e}"
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run(args):
+    device = pick_device(args.device)
+    if args.eval_only:
+        return run_eval_only(args, device)
+    out_dir = args.out_dir or os.path.join("runs", os.path.basename(args.task).removesuffix(".jsonl"))
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    state = None
+    if args.resume:
+        state = load_checkpoint(ckpt_path, device)
+        # the saved run's settings, except where to run and when to stop
+        keep = {k: getattr(args, k) for k in ("device", "out_dir", "max_iters", "target", "show_every")}
+        args = argparse.Namespace(**{**state["args"], **keep})
+    args = check_args(args)
+    draw, heldout = task_source(args)
+    os.makedirs(out_dir, exist_ok=True)
+
+    # seed once; every random choice below flows from these generators
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # search and replay sampling
+    eval_gen = torch.Generator().manual_seed(args.seed + 1)  # held-out sampling
+    model = Transformer(args.dim, args.n_layers, args.n_heads).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    policy_buffer, outcome_buffer = ReplayBuffer(args.buffer_size), ReplayBuffer(args.buffer_size)
+    start_iter, flops_search, flops_train, elapsed0 = 0, 0.0, 0.0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        policy_buffer = restore_buffer(state["policy_buffer"])
+        outcome_buffer = restore_buffer(state["outcome_buffer"])
+        gen.set_state(state["gen"])
+        eval_gen.set_state(state["eval_gen"])
+        start_iter, flops_search, flops_train = state["iteration"] + 1, state["flops_search"], state["flops_train"]
+        elapsed0 = state["elapsed_s"]
+        print(f"resumed {ckpt_path} after iteration {state['iteration']}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"task {args.task} | search {args.search} | device {device} | {n_params / 1e6:.2f}M parameters | "
+          f"out {out_dir}")
+
+    t_start = time.time() - elapsed0
+    log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if state else "w")
+    heldout_solved = 0.0
+    for it in range(start_iter, args.max_iters):
+        # --- search: the expert writes programs for a fresh batch of training tasks
+        tasks = draw(it)
+        t0, flops0, tokens0 = time.time(), model.flops, model.tokens
+        best, trajectories = SEARCHERS[args.search](model, tasks, args, gen)
+        # the epsilon-greedy sampler feeds the outcome buffer with good and bad programs alike
+        outcome_programs = rollout(model, tasks, args.outcome_rollouts, 0.0, args.epsilon, gen) \
+            if args.outcome_rollouts else []
+        search_s = time.time() - t0
+        search_tokens = model.tokens - tokens0
+        flops_search += model.flops - flops0
+        # rewards come from the hidden test pairs (SPEC section 4)
+        rewards = []
+        for i, program in trajectories:
+            outcome, reward = lmc.score(program, tasks[i].test_inputs, tasks[i].test_outputs)
+            policy_buffer.add((tasks[i], tuple(program), outcome), max(reward, 0.0) + PRIORITY_FLOOR)
+            rewards.append(reward)
+        R = max(args.outcome_rollouts, 1)
+        for j, program in enumerate(outcome_programs):
+            task = tasks[j // R]
+            outcome, _ = lmc.score(program, task.test_inputs, task.test_outputs)
+            outcome_buffer.add((task, tuple(program), outcome), 1.0)
+        train_solved = sum(lmc.score(p, t.test_inputs, t.test_outputs)[1] == 1.0
+                           for p, t in zip(best, tasks)) / len(tasks)
+
+        # --- learn: next-token training on the replay buffers
+        t0, flops0, tokens0 = time.time(), model.flops, model.tokens
+        loss_policy = loss_outcome = float("nan")
+        model.train()
+        for _ in range(args.train_steps):
+            policy_batch = make_batch(policy_buffer.sample(args.batch_size, gen), "policy", device)
+            outcome_batch = make_batch(outcome_buffer.sample(args.batch_size, gen), "outcome", device) \
+                if len(outcome_buffer) else None
+            loss_policy, loss_outcome = train_step(model, optimizer, policy_batch, outcome_batch)
+        model.eval()
+        train_s = time.time() - t0
+        train_tokens = model.tokens - tokens0
+        flops_train += model.flops - flops0
+
+        # --- evaluate on held-out tasks, log, checkpoint
+        heldout_solved, submitted = evaluate(model, heldout, args, eval_gen)
+        elapsed = time.time() - t_start
+        n_programs = len(trajectories) + len(outcome_programs)
+        row = dict(iter=it, elapsed_s=round(elapsed, 2), flops_search=flops_search,
+                   flops_train=flops_train, flops=flops_search + flops_train,
+                   train_solved=train_solved, heldout_solved=heldout_solved,
+                   mean_reward=sum(rewards) / len(rewards), policy_buffer=len(policy_buffer),
+                   outcome_buffer=len(outcome_buffer), loss_policy=loss_policy,
+                   loss_outcome=loss_outcome, search_s=round(search_s, 2), train_s=round(train_s, 2),
+                   programs_per_s=n_programs / search_s, tokens_per_s=search_tokens / search_s,
+                   train_tokens_per_s=train_tokens / max(train_s, 1e-9))
+        print(f"iter {it:3d} | train {train_solved:4.0%} | heldout {heldout_solved:4.0%} | "
+              f"reward {row['mean_reward']:+.2f} | buf {len(policy_buffer)}/{len(outcome_buffer)} | "
+              f"loss pi {loss_policy:.3f} out {loss_outcome:.3f} | search {search_s:4.1f}s "
+              f"train {train_s:4.1f}s | {row['programs_per_s']:4.0f} prog/s "
+              f"{row['tokens_per_s'] / 1e3:4.1f}k tok/s | {fmt_flops(row['flops'])} FLOPs | "
+              f"{elapsed:5.0f}s", flush=True)
+        log_file.write(json.dumps(row) + "\n")
+        log_file.flush()
+        if it % args.show_every == 0:
+            t = heldout[0]
+            print(f"      held-out {prompt_bytes(t).decode().strip()} -> {' '.join(submitted[0])}"
+                  f"  (test outcome {lmc.score(submitted[0], t.test_inputs, t.test_outputs)[0]})")
+        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        args=vars(args), iteration=it, flops_search=flops_search,
+                        flops_train=flops_train, elapsed_s=elapsed, gen=gen.get_state(),
+                        eval_gen=eval_gen.get_state(), policy_buffer=buffer_state(policy_buffer),
+                        outcome_buffer=buffer_state(outcome_buffer))
+        if heldout_solved >= args.target:
+            print(f"reached {heldout_solved:.0%} held-out solved at iteration {it}: "
+                  f"{elapsed:.0f} s, {fmt_flops(flops_search + flops_train)} FLOPs "
+                  f"(search {fmt_flops(flops_search)}, train {fmt_flops(flops_train)})")
+            break
+    else:
+        print(f"stopped after {args.max_iters} iterations at {heldout_solved:.0%} held-out solved: "
+              f"{time.time() - t_start:.0f} s, {fmt_flops(flops_search + flops_train)} FLOPs")
+    log_file.close()
+
+
+def run_eval_only(args, device):
+    """Evaluate a saved agent on --task (any family or task file): print held-out solved."""
+    if not args.ckpt:
+        raise UserError("--eval_only needs --ckpt PATH")
+    state = load_checkpoint(args.ckpt, device)
+    saved = state["args"]
+    args = check_args(args)
+    model = Transformer(saved["dim"], saved["n_layers"], saved["n_heads"]).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    _, heldout = task_source(args)
+    solved, submitted = evaluate(model, heldout, args, torch.Generator().manual_seed(args.seed))
+    print(f"{args.ckpt} (trained on {saved['task']}, iteration {state['iteration']}) on "
+          f"{len(heldout)} held-out {args.task} tasks: {solved:.0%} solved")
+    return solved
+
+
+if __name__ == "__main__":
+    main()
