@@ -27,8 +27,10 @@ Where we depart from the paper, and why:
 - The outcome slot "O:x" is read by the model as "O:?": the outcome is a training target only, so
   no later position can copy it (SPEC section 5).
 - An outcome digit d is valued at d/9 (exact for 3 or 9 examples, close for 4).
-- Policy-buffer priority is the fraction of hidden test pairs passed, plus a small floor so that
-  every trajectory stays drawable (the authors' follow-up work); the outcome buffer is uniform.
+- Policy-buffer priority is the fraction of hidden test pairs passed (the authors' follow-up
+  work), squared (--priority_exponent), plus a small floor; the outcome buffer is uniform. Each
+  distinct program enters the policy buffer once per task and iteration. Without these two, the
+  agent collapsed onto "HLT" (the shortest program with partial credit) in our add4 runs.
 - The epsilon-greedy outcome sampler takes the policy's most likely unit, or with probability
   epsilon a uniformly random one.
 - Held-out evaluation is measurement, not part of the method: its FLOPs are not counted.
@@ -84,6 +86,7 @@ parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate 
 parser.add_argument("--batch_size", type=int, default=32, help="trajectories per batch, from each buffer")
 parser.add_argument("--train_steps", type=int, default=8, help="gradient steps per iteration")
 parser.add_argument("--buffer_size", type=int, default=20000, help="capacity of each replay buffer")
+parser.add_argument("--priority_exponent", type=float, default=2.0, help="policy replay: priority = fraction passed ** this")
 # system
 parser.add_argument("--seed", type=int, default=0, help="one seed for the whole run")
 parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
@@ -531,6 +534,13 @@ class ReplayBuffer:
 PRIORITY_FLOOR = 1e-4  # a wrong or broken program is drawn only while nothing better exists
 
 
+def priority(reward, exponent):
+    """Policy-buffer priority: (fraction of hidden test pairs passed) ** exponent, plus a floor.
+    Errors (negative rewards) pass none. The exponent (Schaul et al.'s alpha) makes a full
+    solution outweigh lucky partial ones: with 2, a program right on 1 of 3 pairs counts 1/9."""
+    return max(reward, 0.0) ** exponent + PRIORITY_FLOOR
+
+
 # ----------------------------------------------------------------------------------------------
 # Training step: next-token loss on policy bytes (policy buffer) and outcome slots (outcome buffer)
 
@@ -652,7 +662,8 @@ def check_args(args):
     for key in positive:
         if getattr(args, key) < 1:
             raise UserError(f"--{key} must be at least 1, got {getattr(args, key)}")
-    for key in ["outcome_rollouts", "train_steps", "max_iters", "gumbel_scale", "c_visit", "c_scale"]:
+    for key in ["outcome_rollouts", "train_steps", "max_iters", "gumbel_scale", "c_visit", "c_scale",
+                "priority_exponent"]:
         if getattr(args, key) < 0:
             raise UserError(f"--{key} must not be negative, got {getattr(args, key)}")
     for key in ["gen_temperature", "eval_temperature", "lr"]:
@@ -755,9 +766,12 @@ def run(args):
         flops_search += model.flops - flops0
         # rewards come from the hidden test pairs (SPEC section 4)
         rewards = []
+        # each distinct program once per task: copies would multiply the weight of whatever the
+        # policy already writes most, and it collapses onto it (we measured this with HLT)
+        trajectories = list(dict.fromkeys((i, tuple(p)) for i, p in trajectories))
         for i, program in trajectories:
             outcome, reward = lmc.score(program, tasks[i].test_inputs, tasks[i].test_outputs)
-            policy_buffer.add((tasks[i], tuple(program), outcome), max(reward, 0.0) + PRIORITY_FLOOR)
+            policy_buffer.add((tasks[i], program, outcome), priority(reward, args.priority_exponent))
             rewards.append(reward)
         R = max(args.outcome_rollouts, 1)
         for j, program in enumerate(outcome_programs):

@@ -224,3 +224,261 @@ def test_task_file_missing_or_empty(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no tasks"):
         lmc.make_tasks(str(tmp_path / "empty.jsonl"), None, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# exit.py: tokenization, model, policy and value
+
+import math  # noqa: E402
+
+import torch  # noqa: E402
+
+import exit as ex  # noqa: E402
+
+TASK = lmc.Task([[3, 5], [4, 8]], [8, 12], [[10, 1]], [11], None)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return ex.Transformer(dim=32, n_layers=2, n_heads=2).eval()
+
+
+def full_logits(model, text):
+    ids = torch.tensor([list(text)])
+    return model(ids, torch.arange(ids.shape[1])[None])[0]  # (T, V)
+
+
+def test_outcome_slot_does_not_leak():
+    # the same program with different outcomes: identical model inputs, different targets
+    x9, pol9, out9 = ex.encode_trajectory(TASK, P("ADD 0 HLT"), "9")
+    xT, polT, outT = ex.encode_trajectory(TASK, P("ADD 0 HLT"), "T")
+    assert x9 == xT and pol9 == polT and out9 != outT
+    assert bytes(x9).endswith(b"\nO:? A:ADD O:? A:0 O:? A:HLT")
+
+
+def test_encoding_targets():
+    x, y_policy, y_outcome = ex.encode_trajectory(TASK, P("ADD 0 HLT"), "6")
+    assert bytes(b for b in y_policy if b >= 0) == b"ADD 0 HLT "  # unit bytes and their spaces
+    assert [b for b in y_outcome if b >= 0] == [ord("6")] * 3  # one outcome slot per action
+    prompt = len(ex.prompt_bytes(TASK))
+    assert all(t == -1 for t in y_policy[: prompt - 1] + y_outcome[: prompt - 1])  # no prompt loss
+    i = y_outcome.index(ord("6"))
+    assert x[i] == ord(":") and x[i - 1] == ord("O") and x[i + 1] == ord("?")
+
+
+def test_unit_logits_hand_computation():
+    # with all next-byte logits equal, each trie branch splits evenly: 15 first bytes
+    # (A S L B H 0..9); after A only D; after ADD " " or L; after S: U or T; after BR: A Z P
+    u = ex.unit_logits(torch.zeros(1, 1 + ex.N_TRIE, 256))[0].exp()
+    p = dict(zip(lmc.CODE_UNITS, u.tolist()))
+    assert p["HLT"] == pytest.approx(1 / 15) and p["7"] == pytest.approx(1 / 15)
+    assert p["ADD"] == pytest.approx(1 / 30) and p["ADDL"] == pytest.approx(1 / 30)
+    assert p["SUB"] == pytest.approx(1 / 60) and p["STA"] == pytest.approx(1 / 30)
+    assert p["BRZ"] == pytest.approx(1 / 45) and sum(p.values()) == pytest.approx(1.0)
+
+
+def test_policy_eq1_matches_full_forward():
+    # eq. 1 by hand from plain forward passes over the literal strings, against the cached,
+    # tree-masked batch call that search uses
+    model = tiny_model()
+    tasks = [TASK, lmc.Task([[1, 2, 3]], [6], [[1, 1, 1]], [3], None)]
+    cache = ex.prefill(model, tasks, "cpu")
+    ex.extend(model, cache, [("",), ("",)], store=True)
+    prior, values, _ = ex.extend(model, cache, [("ADD",), ("7",)], store=True)
+    units_by_byte = [u.encode() + b" " for u in lmc.CODE_UNITS]
+    for row, (task, first) in enumerate(zip(tasks, ["ADD", "7"])):
+        text = ex.prompt_bytes(task) + b"O:? A:" + first.encode() + b" O:? A:"
+        for a, ub in enumerate(units_by_byte):
+            logits = full_logits(model, text + ub[:-1])
+            u = 0.0
+            for k in range(len(ub)):  # each byte, normalised over the bytes a unit may take here
+                allowed = sorted({w[k] for w in units_by_byte if w[:k] == ub[:k]})
+                row_logits = logits[len(text) - 1 + k]
+                u += (row_logits[ub[k]] - torch.logsumexp(row_logits[allowed], 0)).item()
+            assert prior[row, a].item() == pytest.approx(u, abs=1e-4)
+        value, _ = ex.outcome_value(full_logits(model, text)[len(text) - 5][None])
+        assert values[row].item() == pytest.approx(value.item(), abs=1e-5)
+
+
+def test_lookahead_with_padded_paths_matches_full_forward():
+    model = tiny_model(1)
+    cache = ex.prefill(model, [TASK, TASK], "cpu")
+    ex.extend(model, cache, [("",), ("",)], store=True)
+    length = cache.length
+    _, values, _ = ex.extend(model, cache, [(None, "HLT"), ("LDA", "3")], store=False)
+    assert cache.length == length  # looking ahead leaves the cache as it was
+    for row, path in enumerate([["HLT"], ["LDA", "3"]]):
+        text = ex.prompt_bytes(TASK) + b"O:? A:" + b"".join(u.encode() + b" O:? A:" for u in path)
+        value, _ = ex.outcome_value(full_logits(model, text)[len(text) - 5][None])
+        assert values[row].item() == pytest.approx(value.item(), abs=1e-5)
+
+
+def test_value_is_expected_reward():
+    logits = torch.full((3, 256), -1e9)
+    logits[0, ord("9")] = 0  # certain success
+    logits[1, ord("T")] = 0  # certain truncation
+    logits[2, ord("9")] = logits[2, ord("S")] = 0  # half success, half syntax error
+    values, probs = ex.outcome_value(logits)
+    assert values.tolist() == pytest.approx([1.0, -2.0, 0.0])
+    assert probs.sum(-1).tolist() == pytest.approx([1.0] * 3)
+
+
+def test_model_is_causal():
+    model = tiny_model()
+    a = torch.tensor([list(b"inputs=[[1, 2]]outputs=[3]\nO:? A:ADD ")])
+    b = a.clone()
+    b[0, -3:] = torch.tensor(list(b"HLT"))
+    pos = torch.arange(a.shape[1])[None]
+    la, lb = model(a, pos), model(b, pos)
+    assert torch.allclose(la[0, :-3], lb[0, :-3], atol=1e-6)
+    assert not torch.allclose(la[0, -1], lb[0, -1])
+
+
+def test_parameter_count_is_papers():
+    n = sum(p.numel() for p in ex.Transformer().parameters())
+    assert 3.4e6 < n < 3.7e6  # paper 3.1: about 3.6M
+
+
+def test_choose_units_greedy_and_epsilon():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0] * 10 + [5.0] + [0.0] * 10])
+    assert ex.choose_units(logits.repeat(4, 1), 0.0, 0.0, g) == [10] * 4
+    picks = ex.choose_units(logits.repeat(2000, 1), 0.0, 1.0, g)  # epsilon 1: uniform
+    assert 60 < picks.count(10) < 140 and len(set(picks)) == 21
+
+
+# ----------------------------------------------------------------------------------------------
+# Search, replay and training
+
+
+def test_rollout_programs_end_at_hlt_or_max_length():
+    programs = ex.rollout(tiny_model(), [TASK] * 3, 4, 1.0, 0.0, torch.Generator().manual_seed(0))
+    assert len(programs) == 12
+    for p in programs:
+        assert p[-1] == "HLT" or len(p) == lmc.MAX_LENGTH
+        assert "HLT" not in p[:-1] and len(p) <= lmc.MAX_LENGTH
+
+
+def test_best_of_filters_on_train_pairs():
+    # train pairs say "add"; the hidden test pair is never consulted by the filter
+    task = lmc.Task([[3, 5], [4, 8]], [8, 12], [[1, 1]], [999], None)
+    programs = [P("HLT"), P("ADD 0 HLT"), P("BRA 0 HLT"), P("LDA 0 ADD 0 SUB 0 ADD 0 HLT")]
+    assert ex.best_of(task, programs) == P("ADD 0 HLT")  # first of the two perfect ones
+
+
+def test_sample_and_filter_keeps_each_tasks_best():
+    args = argparse_namespace(num_rollouts=6, gen_temperature=1.5)
+    tasks = lmc.make_tasks("add2", 3, 0)
+    best, trajectories = ex.sample_and_filter(tiny_model(), tasks, args, torch.Generator().manual_seed(1))
+    assert len(best) == 3 and len(trajectories) == 18
+    for i, task in enumerate(tasks):
+        mine = [p for j, p in trajectories if j == i]
+        scores = [lmc.score(p, task.train_inputs, task.train_outputs)[1] for p in mine]
+        assert best[i] in mine
+        assert lmc.score(best[i], task.train_inputs, task.train_outputs)[1] == max(scores)
+
+
+def argparse_namespace(**kw):
+    import argparse
+
+    return argparse.Namespace(**kw)
+
+
+def test_priority_higher_reward_drawn_more_often():
+    buffer = ex.ReplayBuffer(10)
+    buffer.add("good", ex.priority(1.0, 2))
+    buffer.add("partial", ex.priority(1 / 3, 2))
+    buffer.add("broken", ex.priority(-1.0, 2))
+    draws = buffer.sample(5000, torch.Generator().manual_seed(0))
+    good, partial = draws.count("good"), draws.count("partial")
+    assert 7 < good / partial < 11  # 1 against 1/9
+    assert draws.count("broken") < 10  # priority 1e-4
+
+
+def test_replay_buffer_is_bounded_fifo():
+    buffer = ex.ReplayBuffer(3)
+    for i in range(5):
+        buffer.add(i, 1.0)
+    assert len(buffer) == 3 and sorted(buffer.items) == [2, 3, 4]
+
+
+def test_training_overfits_a_fixed_batch():
+    model = tiny_model().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    other = lmc.Task([[7, 7, 7]], [0], [[1, 1, 1]], [0], None)  # a different prompt
+    trajectories = [(TASK, P("ADD 0 HLT"), "9"), (other, P("LDL 5 SUB 0 HLT"), "0")]
+    policy_batch = ex.make_batch(trajectories, "policy", "cpu")
+    outcome_batch = ex.make_batch(trajectories, "outcome", "cpu")
+    first = ex.train_step(model, optimizer, policy_batch, outcome_batch)
+    for _ in range(60):
+        last = ex.train_step(model, optimizer, policy_batch, outcome_batch)
+    assert last[0] < first[0] / 10 and last[1] < first[1] / 10
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: a tiny run end to end, resume, evaluation and the error paths
+
+TINY = ["--num_tasks", "2", "--num_rollouts", "2", "--num_heldout", "3", "--train_steps", "1",
+        "--batch_size", "2", "--outcome_rollouts", "1", "--dim", "32", "--n_layers", "1",
+        "--n_heads", "2", "--device", "cpu"]
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    ex.main(["--task", "add2", "--max_iters", "2", "--out_dir", out] + TINY)
+    rows = read_log(f"{out}/log.jsonl")
+    assert [r["iter"] for r in rows] == [0, 1]
+    keys = {"iter", "elapsed_s", "flops_search", "flops_train", "flops", "train_solved",
+            "heldout_solved", "mean_reward", "loss_policy", "loss_outcome", "programs_per_s",
+            "tokens_per_s"}
+    assert keys <= rows[0].keys() and rows[1]["flops"] > rows[0]["flops"] > 0
+    assert 0 <= rows[1]["heldout_solved"] <= 1
+    ex.main(["--task", "add2", "--max_iters", "3", "--out_dir", out, "--resume"] + TINY)
+    rows = read_log(f"{out}/log.jsonl")
+    assert [r["iter"] for r in rows] == [0, 1, 2] and rows[2]["flops"] > rows[1]["flops"]
+    assert "resumed" in capsys.readouterr().out
+    # the saved agent can be evaluated on another task family
+    ex.main(["--eval_only", "--ckpt", f"{out}/ckpt.pt", "--task", "add3", "--num_heldout", "4",
+             "--device", "cpu"])
+    assert "held-out add3 tasks" in capsys.readouterr().out
+
+
+def error_line(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        ex.main(argv)
+    assert info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+def test_error_unknown_task(capsys, tmp_path):
+    line = error_line(capsys, ["--task", "mul4", "--out_dir", str(tmp_path)] + TINY)
+    assert line.startswith("error: unknown task 'mul4'")
+
+
+def test_error_bad_flag_values(capsys, tmp_path):
+    assert "--num_rollouts must be at least 1" in error_line(
+        capsys, ["--num_rollouts", "0", "--out_dir", str(tmp_path)])
+    assert "--epsilon must lie in 0..1" in error_line(
+        capsys, ["--epsilon", "2", "--out_dir", str(tmp_path)])
+    assert "invalid int value" in error_line(capsys, ["--num_tasks", "many"])
+
+
+def test_error_checkpoints(capsys, tmp_path):
+    assert "no checkpoint at" in error_line(capsys, ["--resume", "--out_dir", str(tmp_path)])
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    line = error_line(capsys, ["--eval_only", "--ckpt", str(bad), "--device", "cpu"])
+    assert "cannot load checkpoint" in line and "corrupt" in line
+    assert "needs --ckpt" in error_line(capsys, ["--eval_only"])
+
+
+def test_error_task_file_names_the_line(capsys, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"train_inputs": [[1]]}\n')
+    line = error_line(capsys, ["--task", str(path), "--out_dir", str(tmp_path)] + TINY)
+    assert "line 1" in line and "missing key" in line
