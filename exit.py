@@ -45,6 +45,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -494,7 +495,227 @@ def sample_and_filter(model, tasks, args, generator):
     return best, [(i // R, p) for i, p in enumerate(programs)]
 
 
-SEARCHERS = {"sf": sample_and_filter}
+
+
+# ----------------------------------------------------------------------------------------------
+# Gumbel MCTS (paper 2.4.2; Danihelka et al. 2022), deciding as DeepMind's mctx does (see
+# ../shared/GUMBEL.md). Conventions: one agent, no sign flips; rewards lie in [-2, 1] and are paid
+# only on the edge into a finished program (HLT or MAX_LENGTH units), which is a terminal node:
+# its edge has discount 0, so Q(s, a) = r there, and nothing is expanded below it. Elsewhere
+# Q(s, a) = V(child), where V is the running mean of the child's raw value and every return
+# backed up through it. The search core below knows nothing of language models: `expand` is
+# whatever gives (prior logits, value, reward, terminal) for a path, so tests and exercises can
+# run it on a hand-made tree.
+
+
+def get_sequence_of_considered_visits(m, n):
+    """Sequential halving's schedule at the root: for simulation i, the visit count an action
+    must have to be eligible. Each phase gives every surviving action
+    max(1, n // (ceil(log2 m) * survivors)) more visits, then half of them go (never below 2).
+    EXERCISE: replace it by equal visits for all m actions, e.g. [i // m for i in range(n)]."""
+    if m <= 1:
+        return list(range(n))
+    log2max = math.ceil(math.log2(m))
+    sequence, visits, num_considered = [], [0] * m, m
+    while len(sequence) < n:
+        num_extra_visits = max(1, int(n / (log2max * num_considered)))
+        for _ in range(num_extra_visits):
+            sequence.extend(visits[:num_considered])
+            for i in range(num_considered):
+                visits[i] += 1
+        num_considered = max(2, num_considered // 2)
+    return sequence[:n]
+
+
+def completed_qvalues(prior_logits, qvalues, visit_counts, raw_value):
+    """Q-values with the unvisited actions completed by v_mix (Danihelka et al., appendix D):
+    v_mix = (v + sum N * (sum over visited pi * q) / (sum over visited pi)) / (1 + sum N),
+    where v is the node's raw network value and pi = softmax(prior_logits)."""
+    pi = np.maximum(softmax(prior_logits), np.finfo(np.float32).tiny)
+    visited = visit_counts > 0
+    total = visit_counts.sum()
+    if total > 0:
+        weighted = (pi * qvalues)[visited].sum() / pi[visited].sum()
+        v_mix = (raw_value + total * weighted) / (1 + total)
+    else:
+        v_mix = raw_value
+    return np.where(visited, qvalues, v_mix)
+
+
+def sigma(completed, visit_counts, c_visit, c_scale):
+    """The monotone transform of completed Q: min-max rescale over this node's actions, then
+    scale by (c_visit + max N) * c_scale. A node whose completed values are all equal gets 0."""
+    low, high = completed.min(), completed.max()
+    rescaled = (completed - low) / max(high - low, 1e-8)
+    return (c_visit + visit_counts.max()) * c_scale * rescaled
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def root_scores(gumbel, prior_logits, sigma_q, visit_counts, considered_visit):
+    """Root selection: g + logits + sigma(q) among the actions with exactly `considered_visit`
+    visits (the survivors of sequential halving at this point). EXERCISE: set gumbel to 0 (no
+    noise) and see the same actions tried at every decision."""
+    score = np.maximum(-1e9, gumbel + prior_logits - prior_logits.max() + sigma_q)
+    return np.where(visit_counts == considered_visit, score, -np.inf)
+
+
+def interior_action(prior_logits, sigma_q, visit_counts):
+    """Interior selection, paper eq. 3: the action whose improved-policy probability most
+    exceeds its share of visits. EXERCISE: use PUCT instead and compare the visit counts."""
+    improved = softmax(prior_logits + sigma_q)
+    return int(np.argmax(improved - visit_counts / (1 + visit_counts.sum())))
+
+
+class Node:
+    """One state in a search tree: its network outputs and its children's statistics."""
+
+    def __init__(self, prior_logits, raw_value, num_actions, terminal=False):
+        self.prior_logits = np.asarray(prior_logits, dtype=np.float64)
+        self.raw_value = float(raw_value)
+        self.value = float(raw_value)  # running mean V, starting at the raw value
+        self.visits = 1
+        self.terminal = terminal
+        self.children = [None] * num_actions  # child Node per action, once expanded
+        self.rewards = np.zeros(num_actions)  # reward of the edge into each child
+
+    def child_stats(self):
+        """(visit_counts, qvalues) over actions; an unexpanded action has 0 and 0."""
+        N = np.array([c.visits if c else 0 for c in self.children], dtype=np.float64)
+        Q = np.array([r + (0.0 if c is None or c.terminal else c.value)
+                      for r, c in zip(self.rewards, self.children)])
+        return N, np.where(N > 0, Q, 0.0)
+
+    def sigma(self, c_visit, c_scale):
+        N, Q = self.child_stats()
+        return sigma(completed_qvalues(self.prior_logits, Q, N, self.raw_value), N, c_visit, c_scale), N
+
+
+def gumbel_search(prior_logits, root_values, expand, num_simulations, max_num_considered_actions=16,
+                  gumbel_scale=1.0, c_visit=50.0, c_scale=0.1, generator=None):
+    """Gumbel MuZero's search on B trees at once, as mctx's gumbel_muzero_policy decides.
+
+    prior_logits (B, A) and root_values (B,) describe the B roots. expand(requests) takes a list
+    of (tree index, path of action indices from that root) and returns, for each, (prior_logits
+    (A,), value, reward, terminal) of the node the path reaches, reward being what its edge pays.
+    Each simulation adds at most one node per tree, and all trees' new nodes go to one expand
+    call. Returns actions (B,), action_weights (B, A) = softmax(logits + sigma(completed Q)) (the
+    improved policy, no noise) and visit_counts (B, A) at the roots.
+    """
+    prior_logits = np.asarray(prior_logits, dtype=np.float64)
+    B, A = prior_logits.shape
+    roots = [Node(prior_logits[b], float(root_values[b]), A) for b in range(B)]
+    # Gumbel noise, drawn once per search: argmax of g + logits samples from the policy
+    u = torch.rand(B, A, generator=generator, dtype=torch.float64).numpy()
+    gumbel = gumbel_scale * -np.log(-np.log(np.clip(u, 1e-12, 1 - 1e-12)))
+    schedule = get_sequence_of_considered_visits(min(max_num_considered_actions, A), num_simulations)
+    for sim in range(num_simulations):
+        walks, requests = [], []
+        for b, root in enumerate(roots):
+            # root: Gumbel-top-m and sequential halving; below: eq. 3
+            sigma_q, N = root.sigma(c_visit, c_scale)
+            a = int(np.argmax(root_scores(gumbel[b], root.prior_logits, sigma_q, N, schedule[sim])))
+            path, nodes = [a], [root]
+            while nodes[-1].children[path[-1]] is not None and not nodes[-1].children[path[-1]].terminal:
+                node = nodes[-1].children[path[-1]]
+                sigma_q, N = node.sigma(c_visit, c_scale)
+                nodes.append(node)
+                path.append(interior_action(node.prior_logits, sigma_q, N))
+            walks.append((b, path, nodes))
+            if nodes[-1].children[path[-1]] is None:
+                requests.append((b, tuple(path)))
+        results = dict(zip(requests, expand(requests))) if requests else {}
+        for b, path, nodes in walks:
+            parent, a = nodes[-1], path[-1]
+            if (b, tuple(path)) in results:  # a new leaf
+                logits, value, reward, terminal = results[(b, tuple(path))]
+                parent.children[a] = Node(logits, 0.0 if terminal else value, A, terminal)
+                parent.rewards[a] = reward
+                G = parent.children[a].value
+            else:  # a finished program reached again: it pays its reward once more
+                parent.children[a].visits += 1
+                G = 0.0
+            # backup: the return seen from each node up the path; terminal edges discount to 0
+            for node, action in zip(reversed(nodes), reversed(path)):
+                child = node.children[action]
+                G = node.rewards[action] + (0.0 if child.terminal else G)
+                node.value = (node.value * node.visits + G) / (node.visits + 1)
+                node.visits += 1
+    actions, weights, visits = np.zeros(B, dtype=np.int64), np.zeros((B, A)), np.zeros((B, A))
+    for b, root in enumerate(roots):
+        sigma_q, N = root.sigma(c_visit, c_scale)
+        # the final action: the best score among the most-visited actions
+        actions[b] = int(np.argmax(root_scores(gumbel[b], root.prior_logits, sigma_q, N, N.max())))
+        weights[b] = softmax(root.prior_logits + sigma_q)
+        visits[b] = N
+    return actions, weights, visits
+
+
+@torch.no_grad()
+def gumbel_mcts(model, tasks, args, generator):
+    """Searcher: Gumbel MCTS, run anew at every state of every episode (paper 2.4.2).
+
+    One episode per task. At each state a fresh search of args.num_simulations simulations picks
+    the next code unit, with the model's eq. 2 policy as prior logits and its outcome prediction
+    as leaf values; a finished program is valued by its score on the train pairs. All tasks' trees
+    advance in lockstep: each simulation makes one batched model call for the leaves of every
+    tree, which reads the root's cached prompt and program and only the few steps below it.
+    --mcts_prior uniform and --mcts_value zero switch off the policy or the value (figure 5).
+    Returns (programs, trajectories) like sample_and_filter, one program per task.
+    """
+    device = next(model.parameters()).device
+
+    def ablate(prior, values):
+        prior = torch.zeros_like(prior) if args.mcts_prior == "uniform" else prior
+        values = torch.zeros_like(values) if args.mcts_value == "zero" else values
+        return prior.cpu().numpy(), values.cpu().numpy()
+
+    cache = prefill(model, tasks, device)
+    prior, values = ablate(*extend(model, cache, [("",)] * len(tasks), store=True)[:2])
+    programs = [[] for _ in tasks]
+    active = list(range(len(tasks)))  # tasks whose program is unfinished, in cache-row order
+    while active:
+
+        def expand(requests):
+            results, model_rows = [None] * len(requests), {}
+            for k, (row, path) in enumerate(requests):
+                program = programs[active[row]] + [CODE_UNITS[a] for a in path]
+                if program[-1] == "HLT" or len(program) >= MAX_LENGTH:  # terminal: run it
+                    task = tasks[active[row]]
+                    reward = lmc.score(program, task.train_inputs, task.train_outputs)[1]
+                    results[k] = (np.zeros(len(CODE_UNITS)), 0.0, reward, True)
+                else:
+                    model_rows[row] = (k, [CODE_UNITS[a] for a in path])
+            if model_rows:
+                depth = max(len(units) for _, units in model_rows.values())
+                paths = [(None,) * (depth - 1) + ("HLT",)] * len(active)  # rows with no leaf
+                for row, (_, units) in model_rows.items():
+                    paths[row] = (None,) * (depth - len(units)) + tuple(units)
+                leaf_prior, leaf_values = ablate(*extend(model, cache, paths, store=False)[:2])
+                for row, (k, _) in model_rows.items():
+                    results[k] = (leaf_prior[row], float(leaf_values[row]), 0.0, False)
+            return results
+
+        actions, _, _ = gumbel_search(prior, values, expand, args.num_simulations,
+                                      args.max_num_considered_actions, args.gumbel_scale,
+                                      args.c_visit, args.c_scale, generator)
+        for row, a in zip(active, actions):
+            programs[row].append(CODE_UNITS[a])
+        keep = [i for i, r in enumerate(active) if programs[r][-1] != "HLT" and len(programs[r]) < MAX_LENGTH]
+        if not keep:
+            break
+        # move every unfinished root one step down the chosen unit (one batched call)
+        cache.select(torch.tensor(keep, dtype=torch.long, device=device))
+        active = [active[i] for i in keep]
+        step = [(programs[r][-1],) for r in active]
+        prior, values = ablate(*extend(model, cache, step, store=True)[:2])
+    return programs, list(enumerate(programs))
+
+
+SEARCHERS = {"sf": sample_and_filter, "mcts": gumbel_mcts}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -762,6 +983,8 @@ def run(args):
         outcome_programs = rollout(model, tasks, args.outcome_rollouts, 0.0, args.epsilon, gen) \
             if args.outcome_rollouts else []
         search_s = time.time() - t0
+        # MCTS runs num_simulations simulations for every code unit it writes
+        simulations = sum(map(len, best)) * args.num_simulations if args.search == "mcts" else 0
         search_tokens = model.tokens - tokens0
         flops_search += model.flops - flops0
         # rewards come from the hidden test pairs (SPEC section 4)
@@ -806,12 +1029,15 @@ def run(args):
                    outcome_buffer=len(outcome_buffer), loss_policy=loss_policy,
                    loss_outcome=loss_outcome, search_s=round(search_s, 2), train_s=round(train_s, 2),
                    programs_per_s=n_programs / search_s, tokens_per_s=search_tokens / search_s,
-                   train_tokens_per_s=train_tokens / max(train_s, 1e-9))
+                   train_tokens_per_s=train_tokens / max(train_s, 1e-9),
+                   simulations_per_s=simulations / search_s)
         print(f"iter {it:3d} | train {train_solved:4.0%} | heldout {heldout_solved:4.0%} | "
               f"reward {row['mean_reward']:+.2f} | buf {len(policy_buffer)}/{len(outcome_buffer)} | "
               f"loss pi {loss_policy:.3f} out {loss_outcome:.3f} | search {search_s:4.1f}s "
               f"train {train_s:4.1f}s | {row['programs_per_s']:4.0f} prog/s "
-              f"{row['tokens_per_s'] / 1e3:4.1f}k tok/s | {fmt_flops(row['flops'])} FLOPs | "
+              f"{row['tokens_per_s'] / 1e3:4.1f}k tok/s" +
+              (f" {row['simulations_per_s']:4.0f} sim/s" if simulations else "") +
+              f" | {fmt_flops(row['flops'])} FLOPs | "
               f"{elapsed:5.0f}s", flush=True)
         log_file.write(json.dumps(row) + "\n")
         log_file.flush()

@@ -482,3 +482,139 @@ def test_error_task_file_names_the_line(capsys, tmp_path):
     path.write_text('{"train_inputs": [[1]]}\n')
     line = error_line(capsys, ["--task", str(path), "--out_dir", str(tmp_path)] + TINY)
     assert "line 1" in line and "missing key" in line
+
+
+# ----------------------------------------------------------------------------------------------
+# Gumbel MCTS: the search core on hand-made trees (expected values from ../shared/GUMBEL.md)
+
+import numpy as np  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "m,n,expected",
+    [
+        (4, 16, [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]),
+        (16, 32, [0] * 16 + [1] * 8 + [2, 2, 2, 2, 3, 3, 3, 3]),
+        (21, 8, [0] * 8),
+        (7, 24, [0] * 7 + [1, 1, 1, 2, 2, 2] + [3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8]),
+        (1, 5, [0, 1, 2, 3, 4]),
+    ],
+)
+def test_sequential_halving_schedule(m, n, expected):
+    assert ex.get_sequence_of_considered_visits(m, n) == expected
+
+
+def test_sigma_worked_example():
+    # GUMBEL.md section 4: every action visited, so completed Q is Q itself
+    logits = np.array([1.929, 1.196, -0.064, -1.651])
+    N, Q = np.array([6.0, 2, 2, 6]), np.array([0.578, -0.437, -0.287, -0.022])
+    completed = ex.completed_qvalues(logits, Q, N, raw_value=0.3)
+    s = ex.sigma(completed, N, c_visit=50, c_scale=0.1)
+    assert s == pytest.approx([5.6, 0.0, 0.827, 2.290], abs=2e-3)
+    weights = ex.softmax(logits + s)
+    assert weights == pytest.approx([0.996, 0.0018, 0.0011, 0.0010], abs=5e-4)
+    # final action: best score among the most-visited actions (0 and 3)
+    scores = ex.root_scores(np.zeros(4), logits, s, N, N.max())
+    assert np.argmax(scores) == 0 and scores[1] == -np.inf
+
+
+def test_completed_q_fills_unvisited_with_v_mix():
+    # pi uniform; one action visited twice with q 0.5; raw value 0.2:
+    # v_mix = (0.2 + 2 * 0.5) / (1 + 2) = 0.4
+    completed = ex.completed_qvalues(np.zeros(3), np.array([0.5, 0, 0]), np.array([2.0, 0, 0]), 0.2)
+    assert completed == pytest.approx([0.5, 0.4, 0.4])
+    s = ex.sigma(completed, np.array([2.0, 0, 0]), 50, 0.1)
+    assert s == pytest.approx([5.2, 0.0, 0.0])  # (50 + max N 2) * 0.1 * rescaled
+    # a fresh node: no visits, v_mix is the raw value, sigma is 0 everywhere
+    fresh = ex.completed_qvalues(np.zeros(3), np.zeros(3), np.zeros(3), -0.7)
+    assert fresh == pytest.approx([-0.7] * 3) and ex.sigma(fresh, np.zeros(3), 50, 0.1).tolist() == [0, 0, 0]
+
+
+def test_interior_selection_eq3():
+    # softmax([2, 0, 0]) = [0.787, 0.106, 0.106]; minus N / (1 + sum N) = [0.75, 0, 0]
+    assert ex.interior_action(np.array([2.0, 0, 0]), np.zeros(3), np.array([3.0, 0, 0])) == 1
+    assert ex.interior_action(np.array([2.0, 0, 0]), np.zeros(3), np.zeros(3)) == 0
+    # sigma can outweigh the prior
+    assert ex.interior_action(np.array([2.0, 0, 0]), np.array([0, 5.0, 0]), np.zeros(3)) == 1
+
+
+def bandit_expand(rewards):
+    """Every action at the root ends the episode with a fixed reward."""
+    def expand(requests):
+        return [(np.zeros(len(rewards)), 0.0, rewards[path[0]], True) for _, path in requests]
+    return expand
+
+
+def test_bandit_best_arm_found():
+    # four arms, all considered (m = 4): with Gumbel-top-m, m below the number of arms would
+    # leave the best arm out of the sampled set now and then, by design
+    rewards = [0.1, 0.9, 0.2, 0.3]
+    found = 0
+    for seed in range(20):
+        actions, weights, visits = ex.gumbel_search(
+            np.zeros((1, 4)), np.zeros(1), bandit_expand(rewards), num_simulations=12,
+            max_num_considered_actions=4, generator=torch.Generator().manual_seed(seed))
+        found += actions[0] == 1
+        assert visits.sum() == 12
+    assert found >= 18
+    # deterministic search puts the most weight on the best arm
+    _, weights, _ = ex.gumbel_search(np.zeros((1, 4)), np.zeros(1), bandit_expand(rewards), 12,
+                                     gumbel_scale=0.0)
+    assert np.argmax(weights[0]) == 1 and weights[0].sum() == pytest.approx(1.0)
+
+
+def chain_expand(calls, A=3):
+    """An endless tree: every node's prior favours low actions; value -0.1 * depth - 0.05 * a."""
+    def expand(requests):
+        calls.append(len(requests))
+        return [(-np.arange(A, dtype=float), -0.1 * len(path) - 0.05 * path[-1], 0.0, False)
+                for _, path in requests]
+    return expand
+
+
+def test_simulation_budget_and_lockstep():
+    calls = []
+    B = 3
+    _, _, visits = ex.gumbel_search(np.zeros((B, 3)), np.zeros(B), chain_expand(calls), 10,
+                                    generator=torch.Generator().manual_seed(0))
+    assert calls == [B] * 10  # one expand call per simulation, covering every tree
+    assert visits.sum(1).tolist() == [10] * B
+
+
+def test_zero_gumbel_scale_is_deterministic():
+    runs = [ex.gumbel_search(np.random.default_rng(0).normal(size=(2, 5)), np.zeros(2),
+                             chain_expand([], A=5), 9, gumbel_scale=0.0,
+                             generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    for a, b in zip(*runs):
+        assert np.array_equal(a, b)
+
+
+def test_mcts_ablations_change_what_search_uses(monkeypatch):
+    seen = {}
+
+    def fake_search(prior, values, expand, *args, **kw):
+        seen["prior"], seen["values"] = prior, values
+        leaf = expand([(0, (0,))])[0]
+        seen["leaf_prior"], seen["leaf_value"] = leaf[0], leaf[1]
+        return np.full(len(prior), 10), None, None  # HLT everywhere
+
+    monkeypatch.setattr(ex, "gumbel_search", fake_search)
+    args = argparse_namespace(num_simulations=2, max_num_considered_actions=4, gumbel_scale=1.0,
+                              c_visit=50.0, c_scale=0.1, mcts_prior="uniform", mcts_value="zero")
+    model = tiny_model()
+    programs, _ = ex.gumbel_mcts(model, [TASK], args, torch.Generator())
+    assert programs == [["HLT"]]
+    assert np.all(seen["prior"] == 0) and np.all(seen["leaf_prior"] == 0)
+    assert np.all(seen["values"] == 0) and seen["leaf_value"] == 0
+    args.mcts_prior, args.mcts_value = "policy", "model"
+    ex.gumbel_mcts(model, [TASK], args, torch.Generator())
+    assert np.std(seen["prior"]) > 0 and seen["values"][0] != 0
+
+
+def test_end_to_end_add2_mcts(tmp_path, capsys):
+    out = str(tmp_path / "mcts")
+    ex.main(["--task", "add2", "--search", "mcts", "--num_simulations", "4", "--max_iters", "1",
+             "--out_dir", out] + TINY)
+    rows = read_log(f"{out}/log.jsonl")
+    assert rows[0]["simulations_per_s"] > 0 and rows[0]["flops_search"] > 0
+    assert "sim/s" in capsys.readouterr().out
