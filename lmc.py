@@ -95,7 +95,7 @@ def execute(program, inputs, trace=None):
     line = 1
     for _ in range(T_MAX):
         op, x = code[line]
-        # each branch below updates acc/mem, then line moves to the next instruction or a jump target
+        # update acc/mem, then move to the next instruction (two lines on) or a jump target
         if op == "HLT":
             if trace is not None:
                 trace.append((line, "HLT", acc, list(mem)))

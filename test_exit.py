@@ -185,8 +185,12 @@ def test_unknown_task_name():
 
 def test_task_file_roundtrip(tmp_path):
     path = tmp_path / "tasks.jsonl"
-    row = {"train_inputs": [[3, 5], [4, 8]], "train_outputs": [8, 12],
-           "test_inputs": [[10, 1]], "test_outputs": [11]}
+    row = {
+        "train_inputs": [[3, 5], [4, 8]],
+        "train_outputs": [8, 12],
+        "test_inputs": [[10, 1]],
+        "test_outputs": [11],
+    }
     path.write_text(json.dumps(row) + "\n\n" + json.dumps(row) + "\n")
     tasks = lmc.make_tasks(str(path), None, 0)
     assert len(tasks) == 2 and tasks[0].test_outputs == [11] and tasks[0].program is None
@@ -198,19 +202,33 @@ def test_task_file_roundtrip(tmp_path):
         ("{not json", "line 2"),
         ("[1, 2]", "expected a JSON object"),
         ('{"train_inputs": [[1]], "train_outputs": [1]}', "missing key"),
-        ('{"train_inputs": [[1]], "train_outputs": [1, 2], "test_inputs": [[1]], '
-         '"test_outputs": [1]}', "1 train_inputs but 2 train_outputs"),
-        ('{"train_inputs": [[1.5]], "train_outputs": [1], "test_inputs": [[1]], '
-         '"test_outputs": [1]}', "list of 1..10 int32s"),
-        ('{"train_inputs": [[1]], "train_outputs": ["1"], "test_inputs": [[1]], '
-         '"test_outputs": [1]}', "must be an int32"),
-        ('{"train_inputs": [], "train_outputs": [], "test_inputs": [[1]], '
-         '"test_outputs": [1]}', "non-empty"),
+        (
+            '{"train_inputs": [[1]], "train_outputs": [1, 2], "test_inputs": [[1]], '
+            '"test_outputs": [1]}',
+            "1 train_inputs but 2 train_outputs",
+        ),
+        (
+            '{"train_inputs": [[1.5]], "train_outputs": [1], "test_inputs": [[1]], '
+            '"test_outputs": [1]}',
+            "list of 1..10 int32s",
+        ),
+        (
+            '{"train_inputs": [[1]], "train_outputs": ["1"], "test_inputs": [[1]], '
+            '"test_outputs": [1]}',
+            "must be an int32",
+        ),
+        (
+            '{"train_inputs": [], "train_outputs": [], "test_inputs": [[1]], '
+            '"test_outputs": [1]}',
+            "non-empty",
+        ),
     ],
 )
 def test_task_file_errors_name_the_line(tmp_path, line, message):
-    good = ('{"train_inputs": [[1]], "train_outputs": [1], "test_inputs": [[1]], '
-            '"test_outputs": [1]}')
+    good = (
+        '{"train_inputs": [[1]], "train_outputs": [1], "test_inputs": [[1]], '
+        '"test_outputs": [1]}'
+    )
     path = tmp_path / "bad.jsonl"
     path.write_text(good + "\n" + line + "\n")
     with pytest.raises(ValueError, match=message) as info:
@@ -369,7 +387,9 @@ def test_best_of_filters_on_train_pairs():
 def test_sample_and_filter_keeps_each_tasks_best():
     args = argparse_namespace(num_rollouts=6, gen_temperature=1.5)
     tasks = lmc.make_tasks("add2", 3, 0)
-    best, trajectories = ex.sample_and_filter(tiny_model(), tasks, args, torch.Generator().manual_seed(1))
+    best, trajectories = ex.sample_and_filter(
+        tiny_model(), tasks, args, torch.Generator().manual_seed(1)
+    )
     assert len(best) == 3 and len(trajectories) == 18
     for i, task in enumerate(tasks):
         mine = [p for j, p in trajectories if j == i]
@@ -418,9 +438,28 @@ def test_training_overfits_a_fixed_batch():
 # ----------------------------------------------------------------------------------------------
 # The command line: a tiny run end to end, resume, evaluation and the error paths
 
-TINY = ["--num_tasks", "2", "--num_rollouts", "2", "--num_heldout", "3", "--train_steps", "1",
-        "--batch_size", "2", "--outcome_rollouts", "1", "--dim", "32", "--n_layers", "1",
-        "--n_heads", "2", "--device", "cpu"]
+TINY = [
+    "--num_tasks",
+    "2",
+    "--num_rollouts",
+    "2",
+    "--num_heldout",
+    "3",
+    "--train_steps",
+    "1",
+    "--batch_size",
+    "2",
+    "--outcome_rollouts",
+    "1",
+    "--dim",
+    "32",
+    "--n_layers",
+    "1",
+    "--n_heads",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 def read_log(path):
@@ -432,9 +471,20 @@ def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys):
     ex.main(["--task", "add2", "--max_iters", "2", "--out_dir", out] + TINY)
     rows = read_log(f"{out}/log.jsonl")
     assert [r["iter"] for r in rows] == [0, 1]
-    keys = {"iter", "elapsed_s", "flops_search", "flops_train", "flops", "train_solved",
-            "heldout_solved", "mean_reward", "loss_policy", "loss_outcome", "programs_per_s",
-            "tokens_per_s"}
+    keys = {
+        "iter",
+        "elapsed_s",
+        "flops_search",
+        "flops_train",
+        "flops",
+        "train_solved",
+        "heldout_solved",
+        "mean_reward",
+        "loss_policy",
+        "loss_outcome",
+        "programs_per_s",
+        "tokens_per_s",
+    }
     assert keys <= rows[0].keys() and rows[1]["flops"] > rows[0]["flops"] > 0
     assert 0 <= rows[1]["heldout_solved"] <= 1
     ex.main(["--task", "add2", "--max_iters", "3", "--out_dir", out, "--resume"] + TINY)
@@ -442,9 +492,29 @@ def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys):
     assert [r["iter"] for r in rows] == [0, 1, 2] and rows[2]["flops"] > rows[1]["flops"]
     assert "resumed" in capsys.readouterr().out
     # the saved agent can be evaluated on another task family
-    ex.main(["--eval_only", "--ckpt", f"{out}/ckpt.pt", "--task", "add3", "--num_heldout", "4",
-             "--device", "cpu"])
+    ex.main(
+        [
+            "--eval_only",
+            "--ckpt",
+            f"{out}/ckpt.pt",
+            "--task",
+            "add3",
+            "--num_heldout",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
     assert "held-out add3 tasks" in capsys.readouterr().out
+
+
+def test_run_without_outcome_sampler(tmp_path):
+    out = str(tmp_path / "nooutcome")
+    tiny = TINY[:]
+    tiny[tiny.index("--outcome_rollouts") + 1] = "0"
+    ex.main(["--task", "add2", "--max_iters", "1", "--out_dir", out] + tiny)
+    row = read_log(f"{out}/log.jsonl")[0]
+    assert row["outcome_buffer"] == 0 and row["loss_outcome"] is None
 
 
 def error_line(capsys, argv):
@@ -462,9 +532,11 @@ def test_error_unknown_task(capsys, tmp_path):
 
 def test_error_bad_flag_values(capsys, tmp_path):
     assert "--num_rollouts must be at least 1" in error_line(
-        capsys, ["--num_rollouts", "0", "--out_dir", str(tmp_path)])
+        capsys, ["--num_rollouts", "0", "--out_dir", str(tmp_path)]
+    )
     assert "--epsilon must lie in 0..1" in error_line(
-        capsys, ["--epsilon", "2", "--out_dir", str(tmp_path)])
+        capsys, ["--epsilon", "2", "--out_dir", str(tmp_path)]
+    )
     assert "invalid int value" in error_line(capsys, ["--num_tasks", "many"])
 
 
@@ -527,7 +599,9 @@ def test_completed_q_fills_unvisited_with_v_mix():
     assert s == pytest.approx([5.2, 0.0, 0.0])  # (50 + max N 2) * 0.1 * rescaled
     # a fresh node: no visits, v_mix is the raw value, sigma is 0 everywhere
     fresh = ex.completed_qvalues(np.zeros(3), np.zeros(3), np.zeros(3), -0.7)
-    assert fresh == pytest.approx([-0.7] * 3) and ex.sigma(fresh, np.zeros(3), 50, 0.1).tolist() == [0, 0, 0]
+    assert fresh == pytest.approx([-0.7] * 3) and ex.sigma(
+        fresh, np.zeros(3), 50, 0.1
+    ).tolist() == [0, 0, 0]
 
 
 def test_interior_selection_eq3():
@@ -540,8 +614,10 @@ def test_interior_selection_eq3():
 
 def bandit_expand(rewards):
     """Every action at the root ends the episode with a fixed reward."""
+
     def expand(requests):
         return [(np.zeros(len(rewards)), 0.0, rewards[path[0]], True) for _, path in requests]
+
     return expand
 
 
@@ -552,39 +628,62 @@ def test_bandit_best_arm_found():
     found = 0
     for seed in range(20):
         actions, weights, visits = ex.gumbel_search(
-            np.zeros((1, 4)), np.zeros(1), bandit_expand(rewards), num_simulations=12,
-            max_num_considered_actions=4, generator=torch.Generator().manual_seed(seed))
+            np.zeros((1, 4)),
+            np.zeros(1),
+            bandit_expand(rewards),
+            num_simulations=12,
+            max_num_considered_actions=4,
+            generator=torch.Generator().manual_seed(seed),
+        )
         found += actions[0] == 1
         assert visits.sum() == 12
     assert found >= 18
     # deterministic search puts the most weight on the best arm
-    _, weights, _ = ex.gumbel_search(np.zeros((1, 4)), np.zeros(1), bandit_expand(rewards), 12,
-                                     gumbel_scale=0.0)
+    _, weights, _ = ex.gumbel_search(
+        np.zeros((1, 4)), np.zeros(1), bandit_expand(rewards), 12, gumbel_scale=0.0
+    )
     assert np.argmax(weights[0]) == 1 and weights[0].sum() == pytest.approx(1.0)
 
 
 def chain_expand(calls, A=3):
     """An endless tree: every node's prior favours low actions; value -0.1 * depth - 0.05 * a."""
+
     def expand(requests):
         calls.append(len(requests))
-        return [(-np.arange(A, dtype=float), -0.1 * len(path) - 0.05 * path[-1], 0.0, False)
-                for _, path in requests]
+        return [
+            (-np.arange(A, dtype=float), -0.1 * len(path) - 0.05 * path[-1], 0.0, False)
+            for _, path in requests
+        ]
+
     return expand
 
 
 def test_simulation_budget_and_lockstep():
     calls = []
     B = 3
-    _, _, visits = ex.gumbel_search(np.zeros((B, 3)), np.zeros(B), chain_expand(calls), 10,
-                                    generator=torch.Generator().manual_seed(0))
+    _, _, visits = ex.gumbel_search(
+        np.zeros((B, 3)),
+        np.zeros(B),
+        chain_expand(calls),
+        10,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert calls == [B] * 10  # one expand call per simulation, covering every tree
     assert visits.sum(1).tolist() == [10] * B
 
 
 def test_zero_gumbel_scale_is_deterministic():
-    runs = [ex.gumbel_search(np.random.default_rng(0).normal(size=(2, 5)), np.zeros(2),
-                             chain_expand([], A=5), 9, gumbel_scale=0.0,
-                             generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    runs = [
+        ex.gumbel_search(
+            np.random.default_rng(0).normal(size=(2, 5)),
+            np.zeros(2),
+            chain_expand([], A=5),
+            9,
+            gumbel_scale=0.0,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        for seed in (1, 2)
+    ]
     for a, b in zip(*runs):
         assert np.array_equal(a, b)
 
@@ -599,8 +698,15 @@ def test_mcts_ablations_change_what_search_uses(monkeypatch):
         return np.full(len(prior), 10), None, None  # HLT everywhere
 
     monkeypatch.setattr(ex, "gumbel_search", fake_search)
-    args = argparse_namespace(num_simulations=2, max_num_considered_actions=4, gumbel_scale=1.0,
-                              c_visit=50.0, c_scale=0.1, mcts_prior="uniform", mcts_value="zero")
+    args = argparse_namespace(
+        num_simulations=2,
+        max_num_considered_actions=4,
+        gumbel_scale=1.0,
+        c_visit=50.0,
+        c_scale=0.1,
+        mcts_prior="uniform",
+        mcts_value="zero",
+    )
     model = tiny_model()
     programs, _ = ex.gumbel_mcts(model, [TASK], args, torch.Generator())
     assert programs == [["HLT"]]
@@ -613,8 +719,21 @@ def test_mcts_ablations_change_what_search_uses(monkeypatch):
 
 def test_end_to_end_add2_mcts(tmp_path, capsys):
     out = str(tmp_path / "mcts")
-    ex.main(["--task", "add2", "--search", "mcts", "--num_simulations", "4", "--max_iters", "1",
-             "--out_dir", out] + TINY)
+    ex.main(
+        [
+            "--task",
+            "add2",
+            "--search",
+            "mcts",
+            "--num_simulations",
+            "4",
+            "--max_iters",
+            "1",
+            "--out_dir",
+            out,
+        ]
+        + TINY
+    )
     rows = read_log(f"{out}/log.jsonl")
     assert rows[0]["simulations_per_s"] > 0 and rows[0]["flops_search"] > 0
     assert "sim/s" in capsys.readouterr().out
