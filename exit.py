@@ -286,8 +286,9 @@ class KVCache:
 
     def __init__(self, model, batch, slots, device):
         shape = (batch, model.n_heads, slots, model.dim // model.n_heads)
-        self.k = [torch.zeros(shape, device=device) for _ in range(model.n_layers)]
-        self.v = [torch.zeros(shape, device=device) for _ in range(model.n_layers)]
+        # empty, not zeros: a slot is always written before any token attends to it
+        self.k = [torch.empty(shape, device=device) for _ in range(model.n_layers)]
+        self.v = [torch.empty(shape, device=device) for _ in range(model.n_layers)]
         self.visible = torch.zeros(batch, slots, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
@@ -297,8 +298,9 @@ class KVCache:
         n = self.length
         for kv in (self.k, self.v):
             for i, t in enumerate(kv):
-                new = t.new_zeros((len(rows),) + t.shape[1:])
-                new[:, :, :n] = t[rows, :, :n]
+                # no zero fill: every slot attention reads is written by a forward pass first
+                new = t.new_empty((len(rows),) + t.shape[1:])
+                new[:, :, :n] = t[:, :, :n].index_select(0, rows)
                 kv[i] = new
         self.visible = self.visible[rows]
         self.next_pos = self.next_pos[rows]
@@ -465,6 +467,11 @@ def choose_units(prior_logits, temperature, epsilon, generator):
 ROWS_PER_CALL = 512  # rollouts advanced together in one model call (bigger batches thrash memory)
 
 
+def done(program):
+    """A program is finished at HLT or at MAX_LENGTH code units."""
+    return bool(program) and (program[-1] == "HLT" or len(program) >= MAX_LENGTH)
+
+
 @torch.no_grad()
 def rollout(model, tasks, num_rollouts, temperature, epsilon, generator):
     """num_rollouts programs for each task, written one code unit at a time from the policy.
@@ -481,20 +488,22 @@ def rollout(model, tasks, num_rollouts, temperature, epsilon, generator):
         cache = prefill(model, chunk, device)
         cache.select(torch.arange(len(chunk), device=device).repeat_interleave(num_rollouts))
         progs = [[] for _ in range(len(chunk) * num_rollouts)]
-        active = list(range(len(progs)))  # rows of `progs` still being written, in cache order
-        while active:
-            last = [(progs[r][-1] if progs[r] else "",) for r in active]
+        rows = list(range(len(progs)))  # which program each cache row is writing
+        while True:
+            unfinished = [i for i, r in enumerate(rows) if not done(progs[r])]
+            if not unfinished:
+                break
+            # drop finished programs from the batch once they are a fair share of it: copying
+            # the cache costs about as much as computing a few steps of the finished rows
+            if len(unfinished) < 0.8 * len(rows):
+                cache.select(torch.tensor(unfinished, dtype=torch.long, device=device))
+                rows = [rows[i] for i in unfinished]
+            last = [(progs[r][-1] if progs[r] else "",) for r in rows]
             prior_logits, _, _ = extend(model, cache, last, store=True)
-            for r, a in zip(active, choose_units(prior_logits, temperature, epsilon, generator)):
-                progs[r].append(CODE_UNITS[a])
-            keep = [
-                i
-                for i, r in enumerate(active)
-                if progs[r][-1] != "HLT" and len(progs[r]) < MAX_LENGTH
-            ]
-            if len(keep) < len(active):  # drop finished programs from the batch
-                cache.select(torch.tensor(keep, dtype=torch.long, device=device))
-                active = [active[i] for i in keep]
+            units = choose_units(prior_logits, temperature, epsilon, generator)
+            for r, a in zip(rows, units):
+                if not done(progs[r]):  # a finished row still in the batch writes nothing
+                    progs[r].append(CODE_UNITS[a])
         programs += progs
     return programs
 
