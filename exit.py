@@ -97,7 +97,8 @@ arg("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
 arg("--out_dir", help="log and checkpoint folder (default runs/<task>)")
 arg("--resume", action="store_true", help="continue the run saved in --out_dir")
 arg("--eval_only", action="store_true", help="evaluate --ckpt on --task, then exit")
-arg("--ckpt", help="checkpoint for --eval_only")
+arg("--ckpt", help="checkpoint for --eval_only and --show")
+arg("--show", action="store_true", help="print how --ckpt writes programs for 3 held-out tasks")
 arg("--show_every", type=int, default=5, help="show a held-out program every N iterations")
 
 # Appendix C, table 3: per task family (a task file uses the add settings)
@@ -115,6 +116,7 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------
 # Tokenization (paper 2.2): UTF-8 bytes, one token per byte.
 # A trajectory reads  inputs=[[3, 5], [4, 8]]outputs=[8, 12]\nO:9 A:ADD O:9 A:0 O:9 A:HLT
+# (each unit is followed by a space, which ends it: "ADD " is not the start of "ADDL")
 # The model reads "O:?" at every outcome slot; the outcome digit or letter is only a target.
 
 VOCAB_SIZE = 256
@@ -413,7 +415,7 @@ def extend(model, cache, paths, store):
     """Read one path of code units per cache row, and return the policy and value after it.
 
     paths: B tuples of units, all of one length d (None pads a shorter path at its front). The
-    call reads d program steps, then the 13 trie tokens. Returns (prior_logits (B, 21) from eq. 1,
+    call reads d program steps, then the N_TRIE trie tokens. Returns (prior_logits (B, 21), eq. 1,
     values (B,), outcome probabilities (B, 13)). With store=True the d steps stay in the cache
     (the rollout moves on); otherwise the cache is left as it was (MCTS looks ahead).
     """
@@ -705,7 +707,7 @@ def gumbel_search(
 
 
 @torch.no_grad()
-def gumbel_mcts(model, tasks, args, generator):
+def gumbel_mcts(model, tasks, args, generator, trace=None):
     """Searcher: Gumbel MCTS, run anew at every state of every episode (paper 2.4.2).
 
     One episode per task. At each state a fresh search of args.num_simulations simulations picks
@@ -714,7 +716,8 @@ def gumbel_mcts(model, tasks, args, generator):
     advance in lockstep: each simulation makes one batched model call for the leaves of every
     tree, which reads the root's cached prompt and program and only the few steps below it.
     --mcts_prior uniform and --mcts_value zero switch off the policy or the value (figure 5).
-    Returns (programs, trajectories) like sample_and_filter, one program per task.
+    Returns (programs, trajectories) like sample_and_filter, one program per task. With a list as
+    `trace`, each decision appends {task index: (root visit counts, action weights)}.
     """
     device = next(model.parameters()).device
 
@@ -749,7 +752,7 @@ def gumbel_mcts(model, tasks, args, generator):
                     results[k] = (leaf_prior[row], float(leaf_values[row]), 0.0, False)
             return results
 
-        actions, _, _ = gumbel_search(
+        actions, weights, visits = gumbel_search(
             prior,
             values,
             expand,
@@ -760,6 +763,8 @@ def gumbel_mcts(model, tasks, args, generator):
             args.c_scale,
             generator,
         )
+        if trace is not None:
+            trace.append({r: (visits[i], weights[i]) for i, r in enumerate(active)})
         for row, a in zip(active, actions):
             programs[row].append(CODE_UNITS[a])
         keep = [
@@ -814,7 +819,7 @@ class ReplayBuffer:
         return [self.items[i] for i in picks.tolist()]
 
 
-PRIORITY_FLOOR = 1e-4  # a wrong or broken program is drawn only while nothing better exists
+PRIORITY_FLOOR = 1e-6  # a wrong or broken program is drawn only while nothing better exists
 
 
 def priority(reward, exponent):
@@ -882,6 +887,41 @@ def evaluate(model, tasks, args, generator):
     ]
     model.flops, model.tokens = flops, tokens
     return sum(solved) / len(tasks), submitted
+
+
+def show(model, tasks, args, generator):
+    """Inside the agent: for each task, the program it writes (by args.search), and at every
+    step what the model believed: the chosen unit's policy probability, the predicted outcome
+    distribution and its value, and with MCTS the root visit counts and the improved-policy
+    weight of the chosen unit. Then the program runs on one hidden input, and the verdict."""
+    device = next(model.parameters()).device
+    for task in tasks:
+        print(f"\nprompt  {prompt_bytes(task).decode().strip()}")
+        trace = []
+        if args.search == "mcts":
+            program = gumbel_mcts(model, [task], args, generator, trace=trace)[0][0]
+        else:
+            program = rollout(model, [task], 1, args.eval_temperature, 0.0, generator)[0]
+        # replay the program through the model to read its predictions at every state
+        cache, last = prefill(model, [task], device), ""
+        for step, unit in enumerate(program):
+            prior, value, probs = extend(model, cache, [(last,)], store=True)
+            a = CODE_UNITS.index(unit)
+            top = probs[0].topk(3)
+            outcomes = " ".join(f"{OUTCOMES[i]}:{p:.2f}" for p, i in zip(*top))
+            line = (f"  {step + 1:2d} {unit:4s}  policy {prior[0].softmax(-1)[a]:.2f}  "
+                    f"value {value[0]:+.2f}  outcomes {outcomes}")
+            if trace:
+                visits, weights = trace[step][0]
+                tried = " ".join(f"{CODE_UNITS[i]}:{int(n)}" for i, n in enumerate(visits) if n)
+                line += f"  | visits {tried}  weight {weights[a]:.2f}"
+            print(line)
+            last = unit
+        print(lmc.show_run(program, task.test_inputs[0]))
+        outcome, reward = lmc.score(program, task.test_inputs, task.test_outputs)
+        verdict = "solved" if reward == 1.0 else "not solved"
+        print(f"verdict: outcome {outcome} on the hidden test pairs, reward {reward:+.2f}: "
+              f"{verdict}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1031,7 +1071,7 @@ def main(argv=None):
 
 def run(args):
     device = pick_device(args.device)
-    if args.eval_only:
+    if args.eval_only or args.show:
         return run_eval_only(args, device)
     out_dir = args.out_dir or os.path.join(
         "runs", os.path.basename(args.task).removesuffix(".jsonl")
@@ -1214,9 +1254,10 @@ def run(args):
 
 
 def run_eval_only(args, device):
-    """Evaluate a saved agent on --task (any family or task file): print held-out solved."""
+    """Evaluate a saved agent on --task (any family or task file) and print held-out solved,
+    or with --show print how it writes programs for the first three held-out tasks."""
     if not args.ckpt:
-        raise UserError("--eval_only needs --ckpt PATH")
+        raise UserError("--eval_only and --show need --ckpt PATH")
     state = load_checkpoint(args.ckpt, device)
     saved = state["args"]
     args = check_args(args)
@@ -1224,7 +1265,10 @@ def run_eval_only(args, device):
     model.load_state_dict(state["model"])
     model.eval()
     _, heldout = task_source(args)
-    solved, submitted = evaluate(model, heldout, args, torch.Generator().manual_seed(args.seed))
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.show:
+        return show(model, heldout[:3], args, generator)
+    solved, submitted = evaluate(model, heldout, args, generator)
     print(
         f"{args.ckpt} (trained on {saved['task']}, iteration {state['iteration']}) on "
         f"{len(heldout)} held-out {args.task} tasks: {solved:.0%} solved"

@@ -506,6 +506,15 @@ def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys):
         ]
     )
     assert "held-out add3 tasks" in capsys.readouterr().out
+    # inside the agent: every part is printed, for both searchers
+    for search in ("sf", "mcts"):
+        ex.main(["--show", "--ckpt", f"{out}/ckpt.pt", "--task", "add3", "--search", search,
+                 "--num_simulations", "4", "--device", "cpu"])
+        text = capsys.readouterr().out
+        assert text.count("prompt  inputs=") == 3 and text.count("verdict: outcome") == 3
+        assert "policy" in text and "value" in text and "outcomes" in text
+        assert "step  line  instruction" in text
+        assert ("visits" in text and "weight" in text) == (search == "mcts")
 
 
 def test_run_without_outcome_sampler(tmp_path):
@@ -546,7 +555,7 @@ def test_error_checkpoints(capsys, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     line = error_line(capsys, ["--eval_only", "--ckpt", str(bad), "--device", "cpu"])
     assert "cannot load checkpoint" in line and "corrupt" in line
-    assert "needs --ckpt" in error_line(capsys, ["--eval_only"])
+    assert "need --ckpt" in error_line(capsys, ["--eval_only"])
 
 
 def test_error_task_file_names_the_line(capsys, tmp_path):
