@@ -35,6 +35,10 @@ Where we depart from the paper, and why:
   work), squared (--priority_exponent), plus a small floor; the outcome buffer is uniform. Each
   distinct program enters the policy buffer once per task and iteration. Without these two, the
   agent collapsed onto "HLT" (the shortest program with partial credit) in our add4 runs.
+- Each trajectory in a batch weighs the same in the loss (a mean over its own targets, then over
+  trajectories), so the priority alone decides how much a program is trained on. With a plain
+  mean over tokens, a rarely drawn 20-unit junk program outweighed the short programs that earn
+  reward; this change took 10 CPU minutes of add4 from 0% to 22-28% held-out.
 - The epsilon-greedy outcome sampler takes the policy's most likely unit, or with probability
   epsilon a uniformly random one.
 - Held-out evaluation is measurement, not part of the method: its FLOPs are not counted.
@@ -859,7 +863,10 @@ def train_step(model, optimizer, policy_batch, outcome_batch):
         flops = model.flops
         logits = model(x, pos)  # plain causal attention; padding only follows real bytes
         model.flops += 2 * (model.flops - flops)  # the backward pass costs twice the forward
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
+        # each trajectory counts once, however long: a mean over its own targets first
+        token_loss = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="none")
+        n_targets = (y >= 0).sum(1)  # (B,)
+        loss = (token_loss.sum(1)[n_targets > 0] / n_targets[n_targets > 0]).mean()
         loss.backward()
         losses.append(loss.item())
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
