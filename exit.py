@@ -29,12 +29,18 @@ Where we depart from the paper, and why:
   ~1/256, and the literal sum makes a digit 256^2 times likelier than HLT: the untrained agent
   never halts, and learns only to write digits (we measured it).
 - The outcome slot "O:x" is read by the model as "O:?": the outcome is a training target only, so
-  no later position can copy it (SPEC section 5).
+  no later position can copy it (SPEC section 5). The position that reads "?" predicts it (not the
+  one that reads ":", as plain next-token training would): "A:" also ends in ":", and an
+  untrained model, which sees little but the current byte, learned from the outcome targets
+  T and S to write STA at every step (we measured it). "?" appears nowhere else.
 - An outcome digit d is valued at d/9 (exact for 3 or 9 examples, close for 4).
 - Policy-buffer priority is the fraction of hidden test pairs passed (the authors' follow-up
-  work), squared (--priority_exponent), plus a small floor; the outcome buffer is uniform. Each
-  distinct program enters the policy buffer once per task and iteration. Without these two, the
-  agent collapsed onto "HLT" (the shortest program with partial credit) in our add4 runs.
+  work), squared (--priority_exponent), plus a small floor that prefers programs that run over
+  programs that err; the outcome buffer is uniform. Each distinct program enters the policy
+  buffer once per task and iteration, and a task's programs with the same reward share one
+  priority. Without the first two, the agent collapsed onto "HLT" (the shortest program with
+  partial credit); without the sharing, the twenty ways to solve an add-2 task drowned the one
+  way to solve an add-3 task (both measured on add4).
 - Each trajectory in a batch weighs the same in the loss (a mean over its own targets, then over
   trajectories), so the priority alone decides how much a program is trained on. With a plain
   mean over tokens, a rarely drawn 20-unit junk program outweighed the short programs that earn
@@ -45,6 +51,7 @@ Where we depart from the paper, and why:
 """
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -70,6 +77,7 @@ arg("--num_tasks", type=int, default=32, help="training tasks searched per itera
 arg("--num_heldout", type=int, default=100, help="held-out tasks for evaluation")
 arg("--target", type=float, default=1.0, help="stop at this held-out solved fraction")
 arg("--max_iters", type=int, default=200, help="stop after this many iterations")
+arg("--max_flops", type=float, default=0, help="stop once this many FLOPs are spent (0: no limit)")
 # model (paper 3.1)
 arg("--dim", type=int, default=256, help="model width")
 arg("--n_layers", type=int, default=4, help="transformer layers")
@@ -104,6 +112,13 @@ arg("--eval_only", action="store_true", help="evaluate --ckpt on --task, then ex
 arg("--ckpt", help="checkpoint for --eval_only and --show")
 arg("--show", action="store_true", help="print how --ckpt writes programs for 3 held-out tasks")
 arg("--show_every", type=int, default=5, help="show a held-out program every N iterations")
+# experiments (paper section 3): a baseline, snapshots, plots, the ladder
+arg("--no_train", action="store_true", help="search only, no gradient steps: the baseline")
+arg("--snapshot_every", type=int, default=0, help="keep the model every N iterations (0: off)")
+arg("--plot", nargs="+", metavar="RUN_DIR", help="draw held-out solved against FLOPs for runs")
+arg("--ladder", metavar="RUN_DIR", help="evaluate RUN_DIR's snapshots on --task at --budgets")
+arg("--budgets", default="1,16,64,256", help="ladder: S&F samples or MCTS simulations per task")
+arg("--out", help="picture for --plot/--ladder; the series also go to a .csv beside it")
 
 # Appendix C, table 3: per task family (a task file uses the add settings)
 FAMILY_DEFAULTS = {
@@ -157,10 +172,11 @@ def encode_trajectory(task, program, outcome):
             written += list(part)
             role += [r] * len(part)
     read = [MASK if r == "outcome" else b for b, r in zip(written, role)]
-    y_policy = [b if r == "policy" else -1 for b, r in zip(written, role)]
-    y_outcome = [b if r == "outcome" else -1 for b, r in zip(written, role)]
-    # position t reads byte t and predicts byte t + 1
-    return read[:-1], y_policy[1:], y_outcome[1:]
+    # policy: position t reads byte t and predicts byte t + 1, the next byte of the code unit
+    y_policy = [b if r == "policy" else -1 for b, r in zip(written[1:], role[1:])]
+    # outcome: the position that reads the masked slot "?" predicts what the slot stands for
+    y_outcome = [b if r == "outcome" else -1 for b, r in zip(written[:-1], role[:-1])]
+    return read[:-1], y_policy, y_outcome
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +460,7 @@ def extend(model, cache, paths, store):
     old = cache.visible[:, None, : cache.length].expand(B, T, cache.length)
     logits = model(ids, pos, torch.cat([old, new], 2), cache)  # (B, T, V)
     trie_logits = logits[:, n_path - 1 :]  # (B, 1 + N_TRIE, V): after "A:", then each prefix
-    values, outcome_probs = outcome_value(logits[:, n_path - 5])  # the ':' of the last "O:"
+    values, outcome_probs = outcome_value(logits[:, n_path - 4])  # the "?" of the last "O:?"
     if store:
         cache.visible[:, cache.length : cache.length + n_path] = vis_path
         cache.next_pos = last[:, 0] + 1
@@ -829,8 +845,20 @@ PRIORITY_FLOOR = 1e-6  # a wrong or broken program is drawn only while nothing b
 def priority(reward, exponent):
     """Policy-buffer priority: (fraction of hidden test pairs passed) ** exponent, plus a floor.
     Errors (negative rewards) pass none. The exponent (Schaul et al.'s alpha) makes a full
-    solution outweigh lucky partial ones: with 2, a program right on 1 of 3 pairs counts 1/9."""
-    return max(reward, 0.0) ** exponent + PRIORITY_FLOOR
+    solution outweigh lucky partial ones: with 2, a program right on 1 of 3 pairs counts 1/9.
+    The floor rises tenfold per reward step: a program that runs (reward 0) is drawn 10 times as
+    often as one that errs (-1), 100 times as often as one cut off at the maximal length (-2), so
+    that before anything passes a test pair the agent learns to write programs that halt."""
+    return max(reward, 0.0) ** exponent + PRIORITY_FLOOR * 10 ** (min(reward, 0.0) + 2)
+
+
+def shared_priorities(task_ids, rewards, args):
+    """Priorities for one iteration's distinct programs: a task's programs with the same reward
+    share one priority. An easy task solved by twenty variants must not outweigh a hard task
+    solved once: without this we measured 483 add-2 solutions against 7 add-3 ones in the
+    buffer, and an agent that never got past add-2."""
+    share = collections.Counter(zip(task_ids, rewards))
+    return [priority(r, args.priority_exponent) / share[i, r] for i, r in zip(task_ids, rewards)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -878,22 +906,27 @@ def train_step(model, optimizer, policy_batch, outcome_batch):
 # Evaluation: held-out tasks, one submitted program each
 
 
-def evaluate(model, tasks, args, generator):
-    """The held-out solved fraction and the submitted programs.
+def evaluate(model, tasks, args, generator, mcts=False):
+    """(held-out solved fraction, valid fraction, the submitted programs).
 
     The agent submits one program per task: one sample at args.eval_temperature, or the best of
-    args.eval_rollouts samples on the train pairs. A task is solved when that program passes all
-    its hidden test pairs. Evaluation is measurement, so its FLOPs are not added to the run's.
+    args.eval_rollouts samples on the train pairs (or, with mcts=True, the program Gumbel MCTS
+    writes with args.num_simulations). A task is solved when that program passes all its hidden
+    test pairs; a program is valid when it halts without error. Evaluation is measurement, so
+    its FLOPs are not added to the run's.
     """
     flops, tokens = model.flops, model.tokens
-    K = args.eval_rollouts
-    programs = rollout(model, tasks, K, args.eval_temperature, 0.0, generator)
-    submitted = [best_of(t, programs[i * K : (i + 1) * K]) for i, t in enumerate(tasks)]
-    solved = [
-        lmc.score(p, t.test_inputs, t.test_outputs)[1] == 1.0 for p, t in zip(submitted, tasks)
-    ]
+    if mcts:
+        submitted = gumbel_mcts(model, tasks, args, generator)[0]
+    else:
+        K = args.eval_rollouts
+        programs = rollout(model, tasks, K, args.eval_temperature, 0.0, generator)
+        submitted = [best_of(t, programs[i * K : (i + 1) * K]) for i, t in enumerate(tasks)]
+    outcomes = [lmc.score(p, t.test_inputs, t.test_outputs)[0] for p, t in zip(submitted, tasks)]
     model.flops, model.tokens = flops, tokens
-    return sum(solved) / len(tasks), submitted
+    solved = outcomes.count("9") / len(tasks)
+    valid = sum(o.isdigit() for o in outcomes) / len(tasks)  # not S, R or T: it runs and halts
+    return solved, valid, submitted
 
 
 def show(model, tasks, args, generator):
@@ -916,8 +949,10 @@ def show(model, tasks, args, generator):
             a = CODE_UNITS.index(unit)
             top = probs[0].topk(3)
             outcomes = " ".join(f"{OUTCOMES[i]}:{p:.2f}" for p, i in zip(*top))
-            line = (f"  {step + 1:2d} {unit:4s}  policy {prior[0].softmax(-1)[a]:.2f}  "
-                    f"value {value[0]:+.2f}  outcomes {outcomes}")
+            line = (
+                f"  {step + 1:2d} {unit:4s}  policy {prior[0].softmax(-1)[a]:.2f}  "
+                f"value {value[0]:+.2f}  outcomes {outcomes}"
+            )
             if trace:
                 visits, weights = trace[step][0]
                 tried = " ".join(f"{CODE_UNITS[i]}:{int(n)}" for i, n in enumerate(visits) if n)
@@ -927,8 +962,10 @@ def show(model, tasks, args, generator):
         print(lmc.show_run(program, task.test_inputs[0]))
         outcome, reward = lmc.score(program, task.test_inputs, task.test_outputs)
         verdict = "solved" if reward == 1.0 else "not solved"
-        print(f"verdict: outcome {outcome} on the hidden test pairs, reward {reward:+.2f}: "
-              f"{verdict}")
+        print(
+            f"verdict: outcome {outcome} on the hidden test pairs, reward {reward:+.2f}: "
+            f"{verdict}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -971,6 +1008,158 @@ def load_checkpoint(path, device):
             f"({type(e).__name__})"
         ) from None
     return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Experiments (paper section 3): curves against compute, and the difficulty ladder. Pictures need
+# matplotlib, which is optional: every series is also written as CSV, which needs nothing.
+
+PLOT_METRICS = [  # (log.jsonl key, panel title)
+    ("heldout_solved", "held-out tasks solved"),
+    ("heldout_valid", "held-out programs valid (not S, R or T)"),
+    ("train_solved", "training tasks solved by the search"),
+]
+
+
+def run_label(run_dir):
+    """How a run is named on a plot: task, searcher and its budget, ablations, seed."""
+    path = os.path.join(run_dir, "args.json")
+    if not os.path.isfile(path):
+        return os.path.basename(os.path.normpath(run_dir))
+    a = json.load(open(path))
+    if a["search"] == "mcts":
+        label = f"{a['task']} MCTS {a['num_simulations']} sims"
+        label += " uniform prior" * (a["mcts_prior"] == "uniform")
+        label += " zero value" * (a["mcts_value"] == "zero")
+    else:
+        label = f"{a['task']} S&F {a['num_rollouts']} rollouts"
+    return label + " no training" * bool(a.get("no_train")) + f" seed {a['seed']}"
+
+
+def read_log(run_dir):
+    """The rows of run_dir/log.jsonl, or a UserError that names what is wrong."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir} is not a run folder: it has no log.jsonl")
+    rows = []
+    for n, line in enumerate(open(path), 1):
+        try:
+            rows.append(json.loads(line))
+            float(rows[-1]["flops"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path} line {n}: not a log row with 'flops'") from None
+    if not rows:
+        raise UserError(f"{path} is empty: the run has not finished an iteration")
+    return rows
+
+
+def write_csv(path, header, rows):
+    with open(path, "w") as f:
+        f.write(",".join(header) + "\n")
+        for row in rows:
+            f.write(",".join('"' + v + '"' if isinstance(v, str) else str(v) for v in row) + "\n")
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files, or None (with a hint) when it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): writing CSV only")
+        return None
+    return plt
+
+
+def plot_runs(run_dirs, out):
+    """Figures 3-5: each run's held-out solved (and valid, and search-solved) against FLOPs."""
+    runs = [(d, run_label(d), read_log(d)) for d in run_dirs]
+    csv_path = os.path.splitext(out)[0] + ".csv"
+    keys = [key for key, _ in PLOT_METRICS]
+    write_csv(
+        csv_path,
+        ["run", "label", "iter", "flops"] + keys,
+        [
+            [d, label, r["iter"], r["flops"]] + [r.get(k) for k in keys]
+            for d, label, rows in runs
+            for r in rows
+        ],
+    )
+    print(f"wrote {csv_path}")
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(5 * len(PLOT_METRICS), 4))
+    for ax, (key, title) in zip(axes, PLOT_METRICS):
+        for _, label, rows in runs:
+            points = [(r["flops"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=label)
+        ax.set(xscale="log", ylim=(-0.03, 1.03), xlabel="FLOPs (search + training)", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=70)
+    print(f"wrote {out}")
+
+
+def run_ladder(args, device):
+    """Figure 2: every snapshot of a run, evaluated on --task's held-out tasks at each search
+    budget (best of B samples for S&F, B simulations per step for MCTS). The stage "untrained"
+    is the run's own initial weights, rebuilt from its seed."""
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+        assert min(budgets) >= 1
+    except (ValueError, AssertionError):
+        raise UserError(f"--budgets must be positive integers like 1,16,64, got {args.budgets}")
+    snap_dir = os.path.join(args.ladder, "snapshots")
+    paths = sorted(os.listdir(snap_dir)) if os.path.isdir(snap_dir) else []
+    if not paths:
+        raise UserError(f"{args.ladder} has no snapshots: train it with --snapshot_every N")
+    snapshots = [load_checkpoint(os.path.join(snap_dir, p), device) for p in paths]
+    saved = snapshots[0]["args"]
+    args = check_args(args)
+    _, heldout = task_source(args)
+    torch.manual_seed(saved["seed"])  # the same draw that built the run's model at iteration 0
+    model = Transformer(saved["dim"], saved["n_layers"], saved["n_heads"]).to(device).eval()
+    stages = [("untrained", model.state_dict())]
+    stages += [(f"iteration {s['iteration']}", s["model"]) for s in snapshots]
+    searcher = "MCTS simulations" if args.search == "mcts" else "S&F samples"
+    print(f"ladder: {args.ladder} on {len(heldout)} held-out {args.task} tasks, {searcher}")
+    results = []
+    for stage, weights in stages:
+        model.load_state_dict(weights)
+        solved = []
+        for b in budgets:
+            a = argparse.Namespace(**{**vars(args), "eval_rollouts": b, "num_simulations": b})
+            gen = torch.Generator().manual_seed(args.seed)
+            solved.append(evaluate(model, heldout, a, gen, mcts=args.search == "mcts")[0])
+            results.append([stage, b, solved[-1]])
+        print(f"  {stage:>14s}: " + "  ".join(f"{b}: {s:4.0%}" for b, s in zip(budgets, solved)))
+    out = args.out or os.path.join(args.ladder, f"ladder_{args.task}.png")
+    write_csv(os.path.splitext(out)[0] + ".csv", ["stage", "budget", "solved"], results)
+    print(f"wrote {os.path.splitext(out)[0]}.csv")
+    plt = pyplot()
+    if plt is None:
+        return results
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for stage, _ in stages:
+        ax.plot(budgets, [s for st, _, s in results if st == stage], marker="o", label=stage)
+    ax.set(
+        xscale="log",
+        ylim=(-0.03, 1.03),
+        xlabel=f"search budget ({searcher} per task)",
+        ylabel=f"held-out {args.task} solved",
+        title=f"trained on {saved['task']}",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=70)
+    print(f"wrote {out}")
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1020,6 +1209,8 @@ def check_args(args):
         "outcome_rollouts",
         "train_steps",
         "max_iters",
+        "snapshot_every",
+        "max_flops",
         "gumbel_scale",
         "c_visit",
         "c_scale",
@@ -1077,9 +1268,13 @@ def main(argv=None):
 
 
 def run(args):
+    if args.plot:
+        return plot_runs(args.plot, args.out or "plot.png")
     device = pick_device(args.device)
     if args.eval_only or args.show:
         return run_eval_only(args, device)
+    if args.ladder:
+        return run_ladder(args, device)
     out_dir = args.out_dir or os.path.join(
         "runs", os.path.basename(args.task).removesuffix(".jsonl")
     )
@@ -1089,12 +1284,15 @@ def run(args):
         state = load_checkpoint(ckpt_path, device)
         # the saved run's settings, except where to run and when to stop
         keep = {
-            k: getattr(args, k) for k in ("device", "out_dir", "max_iters", "target", "show_every")
+            k: getattr(args, k)
+            for k in ("device", "out_dir", "max_iters", "max_flops", "target", "show_every")
         }
-        args = argparse.Namespace(**{**state["args"], **keep})
+        args = argparse.Namespace(**{**vars(args), **state["args"], **keep})
     args = check_args(args)
     draw, heldout = task_source(args)
     os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "args.json"), "w") as f:  # what --plot labels the run by
+        json.dump(vars(args), f)
 
     # seed once; every random choice below flows from these generators
     torch.manual_seed(args.seed)
@@ -1143,7 +1341,7 @@ def run(args):
         # the epsilon-greedy sampler feeds the outcome buffer with good and bad programs alike
         outcome_programs = (
             rollout(model, tasks, args.outcome_rollouts, 0.0, args.epsilon, gen)
-            if args.outcome_rollouts
+            if args.outcome_rollouts and not args.no_train
             else []
         )
         search_s = time.time() - t0
@@ -1152,16 +1350,17 @@ def run(args):
         search_tokens = model.tokens - tokens0
         flops_search += model.flops - flops0
         # rewards come from the hidden test pairs (SPEC section 4)
-        rewards = []
         # each distinct program once per task: copies would multiply the weight of whatever the
         # policy already writes most, and it collapses onto it (we measured this with HLT)
         trajectories = list(dict.fromkeys((i, tuple(p)) for i, p in trajectories))
-        for i, program in trajectories:
-            outcome, reward = lmc.score(program, tasks[i].test_inputs, tasks[i].test_outputs)
-            policy_buffer.add(
-                (tasks[i], program, outcome), priority(reward, args.priority_exponent)
-            )
-            rewards.append(reward)
+        scored = [
+            (i, p, *lmc.score(p, tasks[i].test_inputs, tasks[i].test_outputs))
+            for i, p in trajectories
+        ]
+        shared = shared_priorities([i for i, *_ in scored], [r for *_, r in scored], args)
+        for (i, program, outcome, _), p in zip(scored, shared):
+            policy_buffer.add((tasks[i], program, outcome), p)
+        rewards = [reward for *_, reward in scored]
         R = max(args.outcome_rollouts, 1)
         for j, program in enumerate(outcome_programs):
             task = tasks[j // R]
@@ -1175,7 +1374,7 @@ def run(args):
         t0, flops0, tokens0 = time.time(), model.flops, model.tokens
         loss_policy = loss_outcome = float("nan")
         model.train()
-        for _ in range(args.train_steps):
+        for _ in range(0 if args.no_train else args.train_steps):
             policy_batch = make_batch(policy_buffer.sample(args.batch_size, gen), "policy", device)
             outcome_batch = (
                 make_batch(outcome_buffer.sample(args.batch_size, gen), "outcome", device)
@@ -1189,7 +1388,7 @@ def run(args):
         flops_train += model.flops - flops0
 
         # --- evaluate on held-out tasks, log, checkpoint
-        heldout_solved, submitted = evaluate(model, heldout, args, eval_gen)
+        heldout_solved, heldout_valid, submitted = evaluate(model, heldout, args, eval_gen)
         elapsed = time.time() - t_start
         n_programs = len(trajectories) + len(outcome_programs)
         row = dict(
@@ -1200,6 +1399,7 @@ def run(args):
             flops=flops_search + flops_train,
             train_solved=train_solved,
             heldout_solved=heldout_solved,
+            heldout_valid=heldout_valid,
             mean_reward=sum(rewards) / len(rewards),
             policy_buffer=len(policy_buffer),
             outcome_buffer=len(outcome_buffer),
@@ -1245,11 +1445,26 @@ def run(args):
             policy_buffer=buffer_state(policy_buffer),
             outcome_buffer=buffer_state(outcome_buffer),
         )
+        if args.snapshot_every and it % args.snapshot_every == 0:  # for --ladder
+            os.makedirs(os.path.join(out_dir, "snapshots"), exist_ok=True)
+            save_checkpoint(
+                os.path.join(out_dir, "snapshots", f"iter_{it:04d}.pt"),
+                model=model.state_dict(),
+                args=vars(args),
+                iteration=it,
+                flops=flops_search + flops_train,
+            )
         if heldout_solved >= args.target:
             print(
                 f"reached {heldout_solved:.0%} held-out solved at iteration {it}: "
                 f"{elapsed:.0f} s, {fmt_flops(flops_search + flops_train)} FLOPs "
                 f"(search {fmt_flops(flops_search)}, train {fmt_flops(flops_train)})"
+            )
+            break
+        if args.max_flops and flops_search + flops_train >= args.max_flops:
+            print(
+                f"spent the --max_flops budget at iteration {it} with {heldout_solved:.0%} "
+                f"held-out solved: {elapsed:.0f} s, {fmt_flops(flops_search + flops_train)} FLOPs"
             )
             break
     else:
@@ -1275,7 +1490,7 @@ def run_eval_only(args, device):
     generator = torch.Generator().manual_seed(args.seed)
     if args.show:
         return show(model, heldout[:3], args, generator)
-    solved, submitted = evaluate(model, heldout, args, generator)
+    solved, _, submitted = evaluate(model, heldout, args, generator)
     print(
         f"{args.ckpt} (trained on {saved['task']}, iteration {state['iteration']}) on "
         f"{len(heldout)} held-out {args.task} tasks: {solved:.0%} solved"

@@ -2,6 +2,8 @@
 expectations. Run with `python -m pytest -q test_exit.py` (well under two minutes on 2 cores)."""
 
 import json
+import os
+import sys
 
 import pytest
 
@@ -281,7 +283,8 @@ def test_encoding_targets():
     prompt = len(ex.prompt_bytes(TASK))
     assert all(t == -1 for t in y_policy[: prompt - 1] + y_outcome[: prompt - 1])  # no prompt loss
     i = y_outcome.index(ord("6"))
-    assert x[i] == ord(":") and x[i - 1] == ord("O") and x[i + 1] == ord("?")
+    # the position that reads the masked slot "?" of "O:?" predicts the outcome
+    assert x[i] == ord("?") and x[i - 2 : i] == [ord("O"), ord(":")]
 
 
 def test_unit_logits_hand_computation():
@@ -314,7 +317,7 @@ def test_policy_eq1_matches_full_forward():
                 row_logits = logits[len(text) - 1 + k]
                 u += (row_logits[ub[k]] - torch.logsumexp(row_logits[allowed], 0)).item()
             assert prior[row, a].item() == pytest.approx(u, abs=1e-4)
-        value, _ = ex.outcome_value(full_logits(model, text)[len(text) - 5][None])
+        value, _ = ex.outcome_value(full_logits(model, text)[len(text) - 4][None])
         assert values[row].item() == pytest.approx(value.item(), abs=1e-5)
 
 
@@ -327,7 +330,7 @@ def test_lookahead_with_padded_paths_matches_full_forward():
     assert cache.length == length  # looking ahead leaves the cache as it was
     for row, path in enumerate([["HLT"], ["LDA", "3"]]):
         text = ex.prompt_bytes(TASK) + b"O:? A:" + b"".join(u.encode() + b" O:? A:" for u in path)
-        value, _ = ex.outcome_value(full_logits(model, text)[len(text) - 5][None])
+        value, _ = ex.outcome_value(full_logits(model, text)[len(text) - 4][None])
         assert values[row].item() == pytest.approx(value.item(), abs=1e-5)
 
 
@@ -412,7 +415,21 @@ def test_priority_higher_reward_drawn_more_often():
     draws = buffer.sample(5000, torch.Generator().manual_seed(0))
     good, partial = draws.count("good"), draws.count("partial")
     assert 7 < good / partial < 11  # 1 against 1/9
-    assert draws.count("broken") < 10  # priority 1e-4
+    assert draws.count("broken") < 10  # priority 1e-5
+
+
+def test_priority_floor_prefers_programs_that_run():
+    runs, errs, truncated = ex.priority(0.0, 2), ex.priority(-1.0, 2), ex.priority(-2.0, 2)
+    assert runs == pytest.approx(10 * errs) and errs == pytest.approx(10 * truncated)
+    assert ex.priority(1 / 3, 2) > 100 * runs  # any pair passed outweighs the floor
+
+
+def test_shared_priorities_split_a_task_among_equal_programs():
+    args = argparse_namespace(priority_exponent=2.0)
+    # task 0: four different solutions and one wrong program; task 1: one solution
+    shared = ex.shared_priorities([0, 0, 0, 0, 0, 1], [1.0, 1.0, 1.0, 1.0, 0.0, 1.0], args)
+    assert sum(shared[:4]) == pytest.approx(shared[5])  # each task's solutions weigh the same
+    assert shared[4] == pytest.approx(ex.priority(0.0, 2))
 
 
 def test_replay_buffer_is_bounded_fifo():
@@ -508,8 +525,21 @@ def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys):
     assert "held-out add3 tasks" in capsys.readouterr().out
     # inside the agent: every part is printed, for both searchers
     for search in ("sf", "mcts"):
-        ex.main(["--show", "--ckpt", f"{out}/ckpt.pt", "--task", "add3", "--search", search,
-                 "--num_simulations", "4", "--device", "cpu"])
+        ex.main(
+            [
+                "--show",
+                "--ckpt",
+                f"{out}/ckpt.pt",
+                "--task",
+                "add3",
+                "--search",
+                search,
+                "--num_simulations",
+                "4",
+                "--device",
+                "cpu",
+            ]
+        )
         text = capsys.readouterr().out
         assert text.count("prompt  inputs=") == 3 and text.count("verdict: outcome") == 3
         assert "policy" in text and "value" in text and "outcomes" in text
@@ -746,3 +776,88 @@ def test_end_to_end_add2_mcts(tmp_path, capsys):
     rows = read_log(f"{out}/log.jsonl")
     assert rows[0]["simulations_per_s"] > 0 and rows[0]["flops_search"] > 0
     assert "sim/s" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Experiments: the no-learning baseline, snapshots and the ladder, plots
+
+
+def test_no_train_is_search_alone(tmp_path):
+    out = str(tmp_path / "baseline")
+    ex.main(["--task", "add2", "--max_iters", "2", "--no_train", "--out_dir", out] + TINY)
+    rows = read_log(f"{out}/log.jsonl")
+    assert all(r["flops_train"] == 0 and r["outcome_buffer"] == 0 for r in rows)
+    assert rows[1]["flops_search"] > rows[0]["flops_search"] > 0
+    # the weights are still the run's initial ones
+    torch.manual_seed(0)
+    init = ex.Transformer(32, 1, 2).state_dict()
+    saved = torch.load(f"{out}/ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(init[k], saved[k]) for k in init)
+
+
+def test_snapshots_and_ladder(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    ex.main(
+        ["--task", "add2", "--max_iters", "3", "--snapshot_every", "2", "--out_dir", out] + TINY
+    )
+    assert sorted(os.listdir(f"{out}/snapshots")) == ["iter_0000.pt", "iter_0002.pt"]
+    picture = str(tmp_path / "ladder.png")
+    argv = ["--ladder", out, "--task", "add3", "--budgets", "1,2", "--num_heldout", "3"]
+    results = ex.run(ex.parser.parse_args(argv + ["--device", "cpu", "--out", picture]))
+    stages = ["untrained", "iteration 0", "iteration 2"]
+    assert [(s, b) for s, b, _ in results] == [(s, b) for s in stages for b in (1, 2)]
+    assert all(0 <= solved <= 1 for _, _, solved in results)
+    lines = open(str(tmp_path / "ladder.csv")).read().splitlines()
+    assert lines[0] == "stage,budget,solved" and len(lines) == 1 + 6
+    text = capsys.readouterr().out
+    assert "untrained" in text and "iteration 2" in text
+    assert "no snapshots" in error_line(capsys, ["--ladder", str(tmp_path), "--device", "cpu"])
+    assert "--budgets must be" in error_line(
+        capsys, ["--ladder", out, "--budgets", "1,x", "--device", "cpu"]
+    )
+
+
+FAKE_LOG = [
+    {"iter": 0, "flops": 1e12, "heldout_solved": 0.0, "heldout_valid": 0.1, "train_solved": 0.0},
+    {"iter": 1, "flops": 3e12, "heldout_solved": 0.25, "heldout_valid": 0.5, "train_solved": 0.5},
+]
+
+
+def fake_run(path, search, budget_key, budget):
+    os.makedirs(path)
+    with open(f"{path}/log.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in FAKE_LOG)
+    args = dict(task="add4", search=search, seed=0, mcts_prior="policy", mcts_value="model")
+    args.update({"num_rollouts": 32, "num_simulations": 16, budget_key: budget})
+    json.dump(args, open(f"{path}/args.json", "w"))
+    return path
+
+
+def test_plot_writes_csv_and_picture(tmp_path, capsys):
+    runs = [
+        fake_run(str(tmp_path / "a"), "sf", "num_rollouts", 8),
+        fake_run(str(tmp_path / "b"), "mcts", "num_simulations", 64),
+    ]
+    picture = str(tmp_path / "curves.png")
+    ex.main(["--plot", *runs, "--out", picture])
+    lines = open(str(tmp_path / "curves.csv")).read().splitlines()
+    assert lines[0] == "run,label,iter,flops,heldout_solved,heldout_valid,train_solved"
+    assert len(lines) == 1 + 4
+    assert '"add4 S&F 8 rollouts seed 0"' in lines[1] and "MCTS 64 sims" in lines[3]
+    assert lines[2].endswith(",3000000000000.0,0.25,0.5,0.5")
+    pytest.importorskip("matplotlib")
+    assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_writes_csv_only(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    run = fake_run(str(tmp_path / "a"), "sf", "num_rollouts", 8)
+    ex.main(["--plot", run, "--out", str(tmp_path / "curves.png")])
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "curves.csv") and not os.path.exists(tmp_path / "curves.png")
+
+
+def test_plot_errors(capsys, tmp_path):
+    assert "has no log.jsonl" in error_line(capsys, ["--plot", str(tmp_path)])
+    (tmp_path / "log.jsonl").write_text('{"iter": 0, "flops": 1}\nnot json\n')
+    assert "log.jsonl line 2" in error_line(capsys, ["--plot", str(tmp_path)])
