@@ -1098,6 +1098,7 @@ def plot_runs(run_dirs, out):
             if points:
                 ax.plot(*zip(*points), marker=".", label=label)
         ax.set(xscale="log", ylim=(-0.03, 1.03), xlabel="FLOPs (search + training)", title=title)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # label only the powers of ten
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
