@@ -1116,7 +1116,11 @@ def run_ladder(args, device):
     except (ValueError, AssertionError):
         raise UserError(f"--budgets must be positive integers like 1,16,64, got {args.budgets}")
     snap_dir = os.path.join(args.ladder, "snapshots")
-    paths = sorted(os.listdir(snap_dir)) if os.path.isdir(snap_dir) else []
+    paths = (
+        sorted(p for p in os.listdir(snap_dir) if p.endswith(".pt"))
+        if os.path.isdir(snap_dir)
+        else []
+    )
     if not paths:
         raise UserError(f"{args.ladder} has no snapshots: train it with --snapshot_every N")
     snapshots = [load_checkpoint(os.path.join(snap_dir, p), device) for p in paths]
@@ -1125,7 +1129,8 @@ def run_ladder(args, device):
     _, heldout = task_source(args)
     torch.manual_seed(saved["seed"])  # the same draw that built the run's model at iteration 0
     model = Transformer(saved["dim"], saved["n_layers"], saved["n_heads"]).to(device).eval()
-    stages = [("untrained", model.state_dict())]
+    # a copy: loading a snapshot later overwrites the model's own tensors in place
+    stages = [("untrained", {k: v.clone() for k, v in model.state_dict().items()})]
     stages += [(f"iteration {s['iteration']}", s["model"]) for s in snapshots]
     searcher = "MCTS simulations" if args.search == "mcts" else "S&F samples"
     print(f"ladder: {args.ladder} on {len(heldout)} held-out {args.task} tasks, {searcher}")
