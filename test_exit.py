@@ -425,11 +425,25 @@ def test_priority_floor_prefers_programs_that_run():
 
 
 def test_shared_priorities_split_a_task_among_equal_programs():
-    args = argparse_namespace(priority_exponent=2.0)
-    # task 0: four different solutions and one wrong program; task 1: one solution
-    shared = ex.shared_priorities([0, 0, 0, 0, 0, 1], [1.0, 1.0, 1.0, 1.0, 0.0, 1.0], args)
+    args = argparse_namespace(priority_exponent=2.0, rarity=0.0)
+    # task 0: four different solutions (sampled 3, 1, 1, 1 times) and one wrong program;
+    # task 1: one solution. rarity 0: how often each was sampled does not matter
+    shared = ex.shared_priorities(
+        [0, 0, 0, 0, 0, 1], [1.0, 1.0, 1.0, 1.0, 0.0, 1.0], [3, 1, 1, 1, 2, 1], args
+    )
     assert sum(shared[:4]) == pytest.approx(shared[5])  # each task's solutions weigh the same
+    assert shared[0] == pytest.approx(shared[1])  # within a task, in equal parts
     assert shared[4] == pytest.approx(ex.priority(0.0, 2))
+
+
+def test_rarity_favours_what_the_search_found_seldom():
+    args = argparse_namespace(priority_exponent=2.0, rarity=1.0)
+    # task 0's one solution was sampled 10 times, task 1's once
+    shared = ex.shared_priorities([0, 1], [1.0, 1.0], [10, 1], args)
+    assert shared[1] == pytest.approx(10 * shared[0])
+    args.rarity = 0.0  # off: both tasks weigh the same
+    shared = ex.shared_priorities([0, 1], [1.0, 1.0], [10, 1], args)
+    assert shared[0] == pytest.approx(shared[1])
 
 
 def test_replay_buffer_is_bounded_fifo():
