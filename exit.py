@@ -39,13 +39,15 @@ Where we depart from the paper, and why:
 - Policy-buffer priority is the fraction of hidden test pairs passed (the authors' follow-up
   work), squared (--priority_exponent), plus a small floor that prefers programs that run over
   programs that err; the outcome buffer is uniform. Each distinct program enters the policy
-  buffer once per task and iteration, and a task's programs with the same reward share one
-  priority, divided by how many of the task's rollouts earned that reward (--rarity 1). Without
-  the first two, the agent collapsed onto "HLT" (the shortest program with partial credit);
-  without the sharing, the twenty ways to solve an add-2 task drowned the one way to solve an
-  add-3 task; without the division, an add-2 solution the policy writes in half its samples
-  weighed as much as an add-3 solution it found once, and the search solved 25-44% of the
-  training tasks through 10 minutes (with it, 56-69% from iteration 9; all measured on add4).
+  buffer once per task and iteration, a task's programs with the same reward share one
+  priority, and all of a task's priorities are divided by how many of its rollouts earned its
+  best reward (--rarity 1). Without the first two, the agent collapsed onto "HLT" (the shortest
+  program with partial credit); without the sharing, the twenty ways to solve an add-2 task
+  drowned the one way to solve an add-3 task; without the division, an add-2 solution the
+  policy writes in half its samples weighed as much as an add-3 solution it found once, and the
+  search never got past add-2 in 10 minutes. (Dividing each reward by its own count instead let
+  a task's rare wrong programs outweigh its common right ones: held-out add4 stalled at 20-40%
+  while the search solved every training task. All measured; README, "Measured".)
 - Each trajectory in a batch weighs the same in the loss (a mean over its own targets, then over
   trajectories), so the priority alone decides how much a program is trained on. With a plain
   mean over tokens, a rarely drawn 20-unit junk program outweighed the short programs that earn
@@ -108,7 +110,9 @@ arg("--batch_size", type=int, default=32, help="trajectories per batch, from eac
 arg("--train_steps", type=int, default=8, help="gradient steps per iteration")
 arg("--buffer_size", type=int, default=20000, help="capacity of each replay buffer")
 arg("--priority_exponent", type=float, default=2.0, help="priority = fraction passed ** this")
-arg("--rarity", type=float, default=1.0, help="divide a reward's priority by its count ** this")
+arg(
+    "--rarity", type=float, default=1.0, help="divide a task's priority by its best's count ** this"
+)
 # system
 arg("--seed", type=int, default=0, help="one seed for the whole run")
 arg("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
@@ -839,6 +843,11 @@ class ReplayBuffer:
             self.items[self.next], self.priorities[self.next] = item, priority
             self.next = (self.next + 1) % self.capacity
 
+    def share(self, test):
+        """The fraction of the priority mass on items for which test(item) holds."""
+        total = sum(self.priorities)
+        return sum(p for x, p in zip(self.items, self.priorities) if test(x)) / max(total, 1e-30)
+
     def sample(self, n, generator):
         weights = torch.tensor(self.priorities, dtype=torch.float)
         picks = torch.multinomial(weights, n, replacement=True, generator=generator)
@@ -865,20 +874,21 @@ def shared_priorities(task_ids, rewards, copies, args):
     A task's distinct programs with the same reward share one priority, in equal parts. An easy
     task solved by twenty variants must not outweigh a hard task solved once: without the sharing
     we measured 483 add-2 solutions against 7 add-3 ones in the buffer, and an agent that never
-    got past add-2. With args.rarity > 0 the shared priority is also divided by found ** rarity,
-    found being the number of rollouts, copies included, that earned r on task i: what the
-    search found once outweighs what the policy already writes half the time, the expert's news
-    rather than what the apprentice knows. MCTS gives one program per task, so there the
-    division changes nothing. (Splitting in proportion to the copies instead of in equal parts
-    sharpened the policy too early: the search solved 38% of the training tasks at iteration 10
-    of the default add4 run, against 59% with equal parts.)
+    got past add-2. With args.rarity > 0 all of task i's priorities are also divided by
+    found ** rarity, found being the number of its rollouts, copies included, that earned its
+    best reward: a task the search solved once outweighs one the policy already solves half the
+    time, the expert's news rather than what the apprentice knows. Dividing each reward by its
+    own count instead let a rare wrong program outweigh a common right one of the same task,
+    and the held-out score stalled at 20-40% while the search solved every training task. MCTS
+    gives one program per task, so there the division changes nothing.
     """
-    share, found = collections.Counter(), collections.Counter()
+    share, found, best = collections.Counter(), collections.Counter(), {}
     for i, r, c in zip(task_ids, rewards, copies):
         share[i, r] += 1
         found[i, r] += c
+        best[i] = max(best.get(i, r), r)
     return [
-        priority(r, args.priority_exponent) / share[i, r] / found[i, r] ** args.rarity
+        priority(r, args.priority_exponent) / share[i, r] / found[i, best[i]] ** args.rarity
         for i, r in zip(task_ids, rewards)
     ]
 
@@ -1438,6 +1448,8 @@ def run(args):
             heldout_valid=heldout_valid,
             mean_reward=sum(rewards) / len(rewards),
             policy_buffer=len(policy_buffer),
+            # how much of the policy's training draws are programs that pass every test pair
+            buffer_solved=policy_buffer.share(lambda item: item[2] == "9"),
             outcome_buffer=len(outcome_buffer),
             loss_policy=None if math.isnan(loss_policy) else loss_policy,  # strict JSON: no NaN
             loss_outcome=None if math.isnan(loss_outcome) else loss_outcome,

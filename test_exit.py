@@ -446,11 +446,21 @@ def test_rarity_favours_what_the_search_found_seldom():
     assert shared[0] == pytest.approx(shared[1])
 
 
+def test_rarity_keeps_a_tasks_right_programs_above_its_wrong_ones():
+    args = argparse_namespace(priority_exponent=2.0, rarity=1.0)
+    # one task: a solution sampled 50 times, a program right on 2 of 3 pairs sampled once.
+    # Dividing each reward by its own count would rank the wrong program 22 times higher.
+    right, wrong = ex.shared_priorities([0, 0], [1.0, 2 / 3], [50, 1], args)
+    assert right > wrong
+
+
 def test_replay_buffer_is_bounded_fifo():
     buffer = ex.ReplayBuffer(3)
     for i in range(5):
         buffer.add(i, 1.0)
     assert len(buffer) == 3 and sorted(buffer.items) == [2, 3, 4]
+    buffer.add(5, 3.0)  # replaces 2: priorities 1, 1, 3 on items 5, 3, 4
+    assert buffer.share(lambda x: x == 5) == pytest.approx(0.6)
 
 
 def test_training_overfits_a_fixed_batch():
