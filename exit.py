@@ -17,11 +17,10 @@ Run it:
     python exit.py --task add4 --search mcts    # the same with Gumbel MCTS as the searcher
     python exit.py --eval_only --ckpt runs/add4/ckpt.pt --task add6   # try a saved agent elsewhere
 
-How long: on a 2-core laptop CPU the first add4 iteration takes about 90 s, later ones about 40 s.
-In 10 minutes the agent solves 26-35% of held-out add4 (the add-2 share and a little add-3), not
-yet 100%; its search solves 69% of the training tasks by then and 100% from 12 minutes on, but
-one sample of the policy does not yet write those programs reliably (README, "Measured").
-Making the demo finish in minutes is open work.
+How long: on a 2-core laptop CPU the first add4 iteration takes 90-170 s, later ones 40-70 s.
+In 10 minutes the agent solves about 30% of held-out add4 (the add-2 share), not yet 100%. On
+one H100 GPU (--device cuda) it solves 86% after 111 s and 62-91% after that, never 100% in 200
+iterations (README, "Measured"). Making the demo reach 100% in minutes is open work.
 
 Where we depart from the paper, and why:
 - Eq. 1 sums the log-probabilities of a code unit's bytes. We restrict each byte's distribution
