@@ -876,10 +876,10 @@ def shared_priorities(task_ids, rewards, copies, args):
     got past add-2. With args.rarity > 0 all of task i's priorities are also divided by
     found ** rarity, found being the number of its rollouts, copies included, that earned its
     best reward: a task the search solved once outweighs one the policy already solves half the
-    time, the expert's news rather than what the apprentice knows. Dividing each reward by its
-    own count instead let a rare wrong program outweigh a common right one of the same task,
-    and the held-out score stalled at 20-40% while the search solved every training task. MCTS
-    gives one program per task, so there the division changes nothing.
+    time, the expert's news rather than what the apprentice knows; one divisor per task keeps a
+    task's right programs above its wrong ones (the module docstring says what dividing each
+    reward by its own count did). MCTS gives one program per task, so there the division
+    changes nothing.
     """
     share, found, best = collections.Counter(), collections.Counter(), {}
     for i, r, c in zip(task_ids, rewards, copies):

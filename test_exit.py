@@ -459,7 +459,7 @@ def test_replay_buffer_is_bounded_fifo():
     for i in range(5):
         buffer.add(i, 1.0)
     assert len(buffer) == 3 and sorted(buffer.items) == [2, 3, 4]
-    buffer.add(5, 3.0)  # replaces 2: priorities 1, 1, 3 on items 5, 3, 4
+    buffer.add(5, 3.0)  # replaces 2: items 3, 4, 5 with priorities 1, 1, 3
     assert buffer.share(lambda x: x == 5) == pytest.approx(0.6)
 
 
