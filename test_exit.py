@@ -546,7 +546,8 @@ def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys):
             "cpu",
         ]
     )
-    assert "held-out add3 tasks" in capsys.readouterr().out
+    out_eval = capsys.readouterr().out
+    assert "held-out add3 tasks" in out_eval and "(by number of inputs: 2: " in out_eval
     # inside the agent: every part is printed, for both searchers
     for search in ("sf", "mcts"):
         ex.main(
@@ -601,6 +602,9 @@ def test_error_bad_flag_values(capsys, tmp_path):
         capsys, ["--epsilon", "2", "--out_dir", str(tmp_path)]
     )
     assert "invalid int value" in error_line(capsys, ["--num_tasks", "many"])
+    assert "--outcome_batch_size must be at least 1" in error_line(
+        capsys, ["--outcome_batch_size", "0", "--out_dir", str(tmp_path)]
+    )
 
 
 def test_error_checkpoints(capsys, tmp_path):
