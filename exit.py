@@ -113,9 +113,7 @@ arg("--outcome_batch_size", type=int, default=8, help="trajectories per outcome 
 arg("--train_steps", type=int, default=8, help="gradient steps per iteration")
 arg("--buffer_size", type=int, default=20000, help="capacity of each replay buffer")
 arg("--priority_exponent", type=float, default=2.0, help="priority = fraction passed ** this")
-arg(
-    "--rarity", type=float, default=1.0, help="divide a task's priority by its best's count ** this"
-)
+arg("--rarity", type=float, default=1.0, help="divide by the task's best-reward count ** this")
 # system
 arg("--seed", type=int, default=0, help="one seed for the whole run")
 arg("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
@@ -942,7 +940,7 @@ def train_step(model, optimizer, policy_batch, outcome_batch):
 
 
 def evaluate(model, tasks, args, generator, mcts=False):
-    """(held-out solved fraction, valid fraction, the submitted programs).
+    """(held-out solved fraction, valid fraction, the submitted programs, their outcomes).
 
     The agent submits one program per task: one sample at args.eval_temperature, or the best of
     args.eval_rollouts samples on the train pairs (or, with mcts=True, the program Gumbel MCTS
@@ -961,7 +959,7 @@ def evaluate(model, tasks, args, generator, mcts=False):
     model.flops, model.tokens = flops, tokens
     solved = outcomes.count("9") / len(tasks)
     valid = sum(o.isdigit() for o in outcomes) / len(tasks)  # not S, R or T: it runs and halts
-    return solved, valid, submitted
+    return solved, valid, submitted, outcomes
 
 
 def show(model, tasks, args, generator):
@@ -1438,7 +1436,9 @@ def run(args):
         flops_train += model.flops - flops0
 
         # --- evaluate on held-out tasks, log, checkpoint
-        heldout_solved, heldout_valid, submitted = evaluate(model, heldout, args, eval_gen)
+        heldout_solved, heldout_valid, submitted, outcomes = evaluate(
+            model, heldout, args, eval_gen
+        )
         elapsed = time.time() - t_start
         n_programs = len(trajectories) + len(outcome_programs)
         row = dict(
@@ -1481,7 +1481,7 @@ def run(args):
             t = heldout[0]
             print(
                 f"      held-out {prompt_bytes(t).decode().strip()} -> {' '.join(submitted[0])}"
-                f"  (test outcome {lmc.score(submitted[0], t.test_inputs, t.test_outputs)[0]})"
+                f"  (test outcome {outcomes[0]})"
             )
         save_checkpoint(
             ckpt_path,
@@ -1544,12 +1544,11 @@ def run_eval_only(args, device):
     generator = torch.Generator().manual_seed(args.seed)
     if args.show:
         return show(model, heldout[:3], args, generator)
-    solved, _, submitted = evaluate(model, heldout, args, generator)
+    solved, _, _, outcomes = evaluate(model, heldout, args, generator)
     # the same, split by how many inputs a task's examples have (add4: 2, 3 or 4)
     by_size = collections.defaultdict(list)
-    for task, program in zip(heldout, submitted):
-        passed = lmc.score(program, task.test_inputs, task.test_outputs)[0] == "9"
-        by_size[len(task.train_inputs[0])].append(passed)
+    for task, outcome in zip(heldout, outcomes):
+        by_size[len(task.train_inputs[0])].append(outcome == "9")
     sizes = ", ".join(f"{n}: {sum(v) / len(v):.0%} of {len(v)}" for n, v in sorted(by_size.items()))
     print(
         f"{args.ckpt} (trained on {saved['task']}, iteration {state['iteration']}) on "
