@@ -1395,6 +1395,7 @@ def run(args):
         # --rarity): copies would multiply the weight of whatever the policy already writes
         # most, and it collapses onto it (we measured this with HLT)
         copies = collections.Counter((i, tuple(p)) for i, p in trajectories)
+        n_sampled = len(trajectories)
         trajectories = list(copies)
         scored = [
             (i, p, *lmc.score(p, tasks[i].test_inputs, tasks[i].test_outputs))
@@ -1440,7 +1441,7 @@ def run(args):
             model, heldout, args, eval_gen
         )
         elapsed = time.time() - t_start
-        n_programs = len(trajectories) + len(outcome_programs)
+        n_programs = n_sampled + len(outcome_programs)  # every program written, copies too
         row = dict(
             iter=it,
             elapsed_s=round(elapsed, 2),

@@ -528,6 +528,8 @@ def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys):
     }
     assert keys <= rows[0].keys() and rows[1]["flops"] > rows[0]["flops"] > 0
     assert 0 <= rows[1]["heldout_solved"] <= 1
+    # programs/s counts every program written: 2 tasks x (2 rollouts + 1 outcome episode)
+    assert rows[0]["programs_per_s"] * rows[0]["search_s"] == pytest.approx(6, rel=0.1)
     ex.main(["--task", "add2", "--max_iters", "3", "--out_dir", out, "--resume"] + TINY)
     rows = read_log(f"{out}/log.jsonl")
     assert [r["iter"] for r in rows] == [0, 1, 2] and rows[2]["flops"] > rows[1]["flops"]
