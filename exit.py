@@ -964,6 +964,15 @@ def evaluate(model, tasks, args, generator, mcts=False):
     return solved, valid, submitted, outcomes
 
 
+def solved_by_size(tasks, outcomes):
+    """{number of inputs: (solved fraction, tasks)}: for add4, how the agent does on add-2, add-3
+    and add-4 apart (a task's size is the length of its input lists)."""
+    by_size = collections.defaultdict(list)
+    for task, outcome in zip(tasks, outcomes):
+        by_size[len(task.train_inputs[0])].append(outcome == "9")
+    return {n: (sum(v) / len(v), len(v)) for n, v in sorted(by_size.items())}
+
+
 def show(model, tasks, args, generator):
     """Inside the agent: for each task, the program it writes (by args.search), and at every
     step what the model believed: the chosen unit's policy probability, the predicted outcome
@@ -1453,6 +1462,8 @@ def run(args):
             train_solved=train_solved,
             heldout_solved=heldout_solved,
             heldout_valid=heldout_valid,
+            # held-out solved by number of inputs, e.g. {"2": 0.97, "3": 0.59, "4": 0.11} on add4
+            heldout_by_size={str(n): f for n, (f, _) in solved_by_size(heldout, outcomes).items()},
             mean_reward=sum(rewards) / len(rewards),
             policy_buffer=len(policy_buffer),
             # how much of the policy's training draws are programs that pass every test pair
@@ -1482,9 +1493,10 @@ def run(args):
         log_file.flush()
         if it % args.show_every == 0:
             t = heldout[0]
+            sizes = ", ".join(f"{n}: {f:.0%}" for n, f in row["heldout_by_size"].items())
             print(
                 f"      held-out {prompt_bytes(t).decode().strip()} -> {' '.join(submitted[0])}"
-                f"  (test outcome {outcomes[0]})"
+                f"  (test outcome {outcomes[0]})\n      held-out solved by number of inputs: {sizes}"
             )
         save_checkpoint(
             ckpt_path,
@@ -1549,10 +1561,8 @@ def run_eval_only(args, device):
         return show(model, heldout[:3], args, generator)
     solved, _, _, outcomes = evaluate(model, heldout, args, generator)
     # the same, split by how many inputs a task's examples have (add4: 2, 3 or 4)
-    by_size = collections.defaultdict(list)
-    for task, outcome in zip(heldout, outcomes):
-        by_size[len(task.train_inputs[0])].append(outcome == "9")
-    sizes = ", ".join(f"{n}: {sum(v) / len(v):.0%} of {len(v)}" for n, v in sorted(by_size.items()))
+    by_size = solved_by_size(heldout, outcomes)
+    sizes = ", ".join(f"{n}: {f:.0%} of {count}" for n, (f, count) in by_size.items())
     print(
         f"{args.ckpt} (trained on {saved['task']}, iteration {state['iteration']}) on "
         f"{len(heldout)} held-out {args.task} tasks: {solved:.0%} solved "

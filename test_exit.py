@@ -401,6 +401,11 @@ def test_sample_and_filter_keeps_each_tasks_best():
         assert lmc.score(best[i], task.train_inputs, task.train_outputs)[1] == max(scores)
 
 
+def test_solved_by_size_splits_by_number_of_inputs():
+    tasks = [lmc.Task([[1, 2]], [3], [[1, 1]], [2])] * 2 + [lmc.Task([[1, 2, 3]], [6], [[1]], [1])]
+    assert ex.solved_by_size(tasks, ["9", "3", "9"]) == {2: (0.5, 2), 3: (1.0, 1)}
+
+
 def argparse_namespace(**kw):
     import argparse
 
@@ -528,6 +533,8 @@ def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys):
     }
     assert keys <= rows[0].keys() and rows[1]["flops"] > rows[0]["flops"] > 0
     assert 0 <= rows[1]["heldout_solved"] <= 1
+    assert set(rows[0]["heldout_by_size"]) == {"2"}  # add2: every task has 2 inputs
+    assert rows[0]["heldout_by_size"]["2"] == rows[0]["heldout_solved"]
     # programs/s counts every program written: 2 tasks x (2 rollouts + 1 outcome episode)
     assert rows[0]["programs_per_s"] * rows[0]["search_s"] == pytest.approx(6, rel=0.1)
     ex.main(["--task", "add2", "--max_iters", "3", "--out_dir", out, "--resume"] + TINY)
