@@ -21,9 +21,11 @@ How long: on a 2-core laptop CPU the first add4 iteration takes about 70 s, late
 30 s. After 10 minutes the agent solves 41-49% of held-out add4 (seeds 0-2; 43-62% at best:
 add-2 and part of add-3, no add-4 task yet), not 100%. Left to run, seed 0 learns add-4 too
 (73% at 7.5e13 FLOPs, about twice what 10 minutes buy; 42% of the 4-input tasks by 8.7e13),
-but one sample at temperature 0.8 still misses often. Each iteration searches 16 tasks and
-trains the outcome predictor on 8 trajectories a step (table 3 fixes neither): with 32 and 32,
-as before, an iteration cost twice as much and 10 minutes reached 32%. On one H100 GPU
+then stays at 44-73% up to 2.0e14: it learns many padded right programs per task (the buffer
+weighs them alike) and one sample at temperature 0.8 often picks a wrong operand. Each
+iteration searches 16 tasks and trains the outcome predictor on 8 trajectories a step (table 3
+fixes neither): with 32 and 32, as before, an iteration cost twice as much and 10 minutes
+reached 32%. On one H100 GPU
 (--device cuda) the older defaults solved 86% after 111 s, never 100% in 200 iterations
 (README, "Measured"). Making the demo reach 100% in minutes is open work.
 
@@ -1496,7 +1498,8 @@ def run(args):
             sizes = ", ".join(f"{n}: {f:.0%}" for n, f in row["heldout_by_size"].items())
             print(
                 f"      held-out {prompt_bytes(t).decode().strip()} -> {' '.join(submitted[0])}"
-                f"  (test outcome {outcomes[0]})\n      held-out solved by number of inputs: {sizes}"
+                f"  (test outcome {outcomes[0]})\n"
+                f"      held-out solved by number of inputs: {sizes}"
             )
         save_checkpoint(
             ckpt_path,
