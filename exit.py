@@ -22,11 +22,12 @@ How long: on a 2-core laptop CPU the first add4 iteration takes about 70 s, late
 add-2 and part of add-3, no add-4 task yet), not 100%. Left to run, seed 0 learns add-4 too
 (73% at 7.5e13 FLOPs, about twice what 10 minutes buy; 42% of the 4-input tasks by 8.7e13),
 then stays at 44-73% up to 2.0e14: it learns many padded right programs per task (the buffer
-weighs them alike) and one sample at temperature 0.8 often picks a wrong operand. Each
-iteration searches 16 tasks and trains the outcome predictor on 8 trajectories a step (table 3
-fixes neither): with 32 and 32, as before, an iteration cost twice as much and 10 minutes
-reached 32%. On one H100 GPU (--device cuda) the older defaults solved 86% after 111 s, never
-100% in 200 iterations (README, "Measured"). Making the demo reach 100% in minutes is open work.
+weighs them alike) and one sample at temperature 0.8 often picks a wrong operand (the best
+of 16 samples, --eval_rollouts 16, solves every held-out task there). Each iteration searches
+16 tasks and trains the outcome predictor on 8 trajectories a step (table 3 fixes neither):
+with 32 and 32, as before, an iteration cost twice as much and 10 minutes reached 32%. On one
+H100 GPU (--device cuda) the older defaults solved 86% after 111 s, never 100% in 200
+iterations (README, "Measured"). Making the demo reach 100% in minutes is open work.
 
 Where we depart from the paper, and why:
 - Eq. 1 sums the log-probabilities of a code unit's bytes. We restrict each byte's distribution
