@@ -315,7 +315,7 @@ class Transformer(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the tokens read so far, for B rows (one row per rollout or tree root).
+    """Keys and values of the tokens read so far, for B rows (one row per rollout state or tree).
 
     Every row has the same number of slots (`length`); `visible` (B, slots) marks the slots that
     later tokens may attend to (padding is not), and `next_pos` (B,) each row's next position.
@@ -324,23 +324,38 @@ class KVCache:
     def __init__(self, model, batch, slots, device):
         shape = (batch, model.n_heads, slots, model.dim // model.n_heads)
         # empty, not zeros: a slot is always written before any token attends to it
-        self.k = [torch.empty(shape, device=device) for _ in range(model.n_layers)]
-        self.v = [torch.empty(shape, device=device) for _ in range(model.n_layers)]
+        self.tensors = [torch.empty(shape, device=device) for _ in range(2 * model.n_layers)]
+        self.spare = None  # a second set of tensors that select() copies rows into
+        self._use_rows(batch)
         self.visible = torch.zeros(batch, slots, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
 
+    def _use_rows(self, n_rows):
+        """k[layer] and v[layer]: the first n_rows rows of the tensors (views, contiguous)."""
+        n_layers = len(self.tensors) // 2
+        self.k = [t[:n_rows] for t in self.tensors[:n_layers]]
+        self.v = [t[:n_rows] for t in self.tensors[n_layers:]]
+
     def select(self, rows):
-        """Keep only these rows (a LongTensor of indices, repeats allowed), in that order."""
-        n = self.length
-        for kv in (self.k, self.v):
-            for i, t in enumerate(kv):
-                # no zero fill: every slot attention reads is written by a forward pass first
-                new = t.new_empty((len(rows),) + t.shape[1:])
-                new[:, :, :n] = t[:, :, :n].index_select(0, rows)
-                kv[i] = new
-        self.visible = self.visible[rows]
-        self.next_pos = self.next_pos[rows]
+        """Keep only these rows (a LongTensor of indices, repeats allowed), in that order.
+
+        Rollouts call this at almost every step, so it copies each row's slots as one block (faster
+        here than index_select over the strided slots) into the spare tensors, which it keeps and
+        reuses: fresh memory on every call cost more than the copy itself.
+        """
+        n, rows = self.length, rows.tolist()
+        if self.spare is None or self.spare[0].shape[0] < len(rows):
+            grown = (max(len(rows), self.tensors[0].shape[0]),) + self.tensors[0].shape[1:]
+            self.spare = [t.new_empty(grown) for t in self.tensors]
+        for source, target in zip(self.k + self.v, self.spare):
+            for j, r in enumerate(rows):
+                target[j, :, :n] = source[r, :, :n]  # only the written slots
+        self.tensors, self.spare = self.spare, self.tensors
+        self._use_rows(len(rows))
+        index = torch.tensor(rows, dtype=torch.long, device=self.visible.device)
+        self.visible = self.visible[index]
+        self.next_pos = self.next_pos[index]
         return self
 
 
@@ -501,7 +516,7 @@ def choose_units(prior_logits, temperature, epsilon, generator):
 # ----------------------------------------------------------------------------------------------
 # Sampling & filtering (paper 2.4.1)
 
-ROWS_PER_CALL = 512  # rollouts advanced together in one model call (bigger batches thrash memory)
+ROWS_PER_CALL = 512  # rollouts (at most) advanced in one model call: bigger batches thrash memory
 
 
 def done(program):
@@ -513,35 +528,43 @@ def done(program):
 def rollout(model, tasks, num_rollouts, temperature, epsilon, generator):
     """num_rollouts programs for each task, written one code unit at a time from the policy.
 
-    Rows of all tasks advance together: each step is one batched model call over every unfinished
-    program. Each prompt is read once and its cache shared by that task's rollouts. A program ends
-    at HLT or at MAX_LENGTH units. Returns the programs, task-major (task 0's rollouts first).
+    Rollouts of a task that have written the same units so far stand in the same state, where
+    the policy is the same: we read each distinct state once (one cache row) and draw the next
+    unit of each of its rollouts from that one distribution. A task's rollouts all start in one
+    state, and a sharp policy keeps them in few. Each step is one batched model call over the
+    states of all tasks, and each prompt is read once. A program ends at HLT or at MAX_LENGTH
+    units. Returns the programs, task-major (task 0's rollouts first).
     """
     device = next(model.parameters()).device
-    per_call = max(1, ROWS_PER_CALL // num_rollouts)
+    per_call = max(1, ROWS_PER_CALL // num_rollouts)  # at most ROWS_PER_CALL states at once
     programs = []
     for start in range(0, len(tasks), per_call):
         chunk = tasks[start : start + per_call]
         cache = prefill(model, chunk, device)
-        cache.select(torch.arange(len(chunk), device=device).repeat_interleave(num_rollouts))
-        progs = [[] for _ in range(len(chunk) * num_rollouts)]
-        rows = list(range(len(progs)))  # which program each cache row is writing
-        while True:
-            unfinished = [i for i, r in enumerate(rows) if not done(progs[r])]
-            if not unfinished:
-                break
-            # drop finished programs from the batch once they are a fair share of it: copying
-            # the cache costs about as much as computing a few steps of the finished rows
-            if len(unfinished) < 0.8 * len(rows):
-                cache.select(torch.tensor(unfinished, dtype=torch.long, device=device))
-                rows = [rows[i] for i in unfinished]
-            last = [(progs[r][-1] if progs[r] else "",) for r in rows]
+        states = [(t, ()) for t in range(len(chunk))]  # cache row k holds (task, units so far)
+        crowd = [num_rollouts] * len(chunk)  # how many rollouts stand in each state
+        finished = [[] for _ in chunk]
+        while states:
+            last = [(units[-1] if units else "",) for _, units in states]
             prior_logits, _, _ = extend(model, cache, last, store=True)
-            units = choose_units(prior_logits, temperature, epsilon, generator)
-            for r, a in zip(rows, units):
-                if not done(progs[r]):  # a finished row still in the batch writes nothing
-                    progs[r].append(CODE_UNITS[a])
-        programs += progs
+            # one draw for each rollout, from the policy of the state it stands in
+            rows = torch.arange(len(states)).repeat_interleave(torch.tensor(crowd))
+            draws = choose_units(prior_logits[rows.to(device)], temperature, epsilon, generator)
+            moves = collections.Counter(zip(rows.tolist(), draws))  # (row, unit) -> rollouts
+            parents, next_states, crowd = [], [], []
+            for (row, a), n in sorted(moves.items()):
+                t, units = states[row]
+                units = units + (CODE_UNITS[a],)
+                if done(units):
+                    finished[t] += [list(units)] * n
+                else:  # a new state: its row starts as a copy of its parent's
+                    parents.append(row)
+                    next_states.append((t, units))
+                    crowd.append(n)
+            if parents and parents != list(range(len(states))):
+                cache.select(torch.tensor(parents, dtype=torch.long, device=device))
+            states = next_states
+        programs += [p for task_programs in finished for p in task_programs]
     return programs
 
 

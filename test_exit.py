@@ -1,6 +1,7 @@
 """Tests for lmc.py and exit.py: plain pytest functions, one property each, hand-computed
 expectations. Run with `python -m pytest -q test_exit.py` (well under two minutes on 2 cores)."""
 
+import collections
 import json
 import os
 import sys
@@ -355,6 +356,22 @@ def test_model_is_causal():
     assert not torch.allclose(la[0, -1], lb[0, -1])
 
 
+def test_cache_select_keeps_rows_in_order_with_repeats():
+    model = tiny_model()
+    cache = ex.prefill(model, [TASK, lmc.Task([[7, 1, 5]], [13], [[2, 2, 2]], [6], None)], "cpu")
+    ex.extend(model, cache, [("",), ("",)], store=True)
+    before = [t.clone() for t in cache.k + cache.v] + [cache.visible, cache.next_pos]
+    for rows in ([1, 0, 0, 1, 1], [4, 1]):  # grow, then shrink into the reused tensors
+        cache.select(torch.tensor(rows))
+        before = [t[rows] for t in before]
+        n = cache.length
+        after = [t[:, :, :n] for t in cache.k + cache.v] + [cache.visible, cache.next_pos]
+        assert all(
+            torch.equal(a, b[:, :, :n] if b.dim() == 4 else b) for a, b in zip(after, before)
+        )
+    assert cache.next_pos[0] < cache.next_pos[1]  # row 0 now holds the shorter prompt
+
+
 def test_parameter_count_is_papers():
     n = sum(p.numel() for p in ex.Transformer().parameters())
     assert 3.4e6 < n < 3.7e6  # paper 3.1: about 3.6M
@@ -378,6 +395,26 @@ def test_rollout_programs_end_at_hlt_or_max_length():
     for p in programs:
         assert p[-1] == "HLT" or len(p) == lmc.MAX_LENGTH
         assert "HLT" not in p[:-1] and len(p) <= lmc.MAX_LENGTH
+
+
+def test_rollouts_in_one_state_are_read_once():
+    model = tiny_model()
+    one = ex.rollout(model, [TASK, TASK], 1, 0.0, 0.0, torch.Generator())  # greedy
+    tokens = model.tokens
+    many = ex.rollout(model, [TASK, TASK], 50, 0.0, 0.0, torch.Generator())
+    assert many == [one[0]] * 50 + [one[1]] * 50
+    assert model.tokens - tokens == tokens  # 50 greedy rollouts cost what one does
+
+
+def test_rollout_draws_each_unit_from_its_states_policy(monkeypatch):
+    monkeypatch.setattr(ex, "done", lambda program: len(program) == 1)  # stop after one unit
+    model, n, temperature = tiny_model(), 4000, 2.0
+    programs = ex.rollout(model, [TASK], n, temperature, 0.0, torch.Generator().manual_seed(0))
+    prior = ex.extend(model, ex.prefill(model, [TASK], "cpu"), [("",)], store=True)[0]
+    expected = (prior[0] / temperature).softmax(-1)
+    first = collections.Counter(p[0] for p in programs)
+    seen = torch.tensor([first[u] / n for u in ex.CODE_UNITS])
+    assert (seen - expected).abs().max() < 0.02  # six standard errors at n = 4000
 
 
 def test_best_of_filters_on_train_pairs():
