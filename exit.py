@@ -340,22 +340,19 @@ class KVCache:
     def select(self, rows):
         """Keep only these rows (a LongTensor of indices, repeats allowed), in that order.
 
-        Rollouts call this at almost every step, so it copies each row's slots as one block (faster
-        here than index_select over the strided slots) into the spare tensors, which it keeps and
-        reuses: fresh memory on every call cost more than the copy itself.
+        Rollouts call this at almost every step, so it copies into a second set of tensors that
+        it keeps and reuses (fresh memory on every call cost more than the copy itself), and it
+        copies whole rows, a contiguous block each (faster here than picking out the used slots).
         """
-        n, rows = self.length, rows.tolist()
         if self.spare is None or self.spare[0].shape[0] < len(rows):
             grown = (max(len(rows), self.tensors[0].shape[0]),) + self.tensors[0].shape[1:]
             self.spare = [t.new_empty(grown) for t in self.tensors]
         for source, target in zip(self.k + self.v, self.spare):
-            for j, r in enumerate(rows):
-                target[j, :, :n] = source[r, :, :n]  # only the written slots
+            torch.index_select(source, 0, rows, out=target[: len(rows)])
         self.tensors, self.spare = self.spare, self.tensors
         self._use_rows(len(rows))
-        index = torch.tensor(rows, dtype=torch.long, device=self.visible.device)
-        self.visible = self.visible[index]
-        self.next_pos = self.next_pos[index]
+        self.visible = self.visible[rows]
+        self.next_pos = self.next_pos[rows]
         return self
 
 
