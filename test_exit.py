@@ -460,6 +460,13 @@ def test_priority_higher_reward_drawn_more_often():
     assert draws.count("broken") < 10  # priority 1e-5
 
 
+def test_default_priority_gives_lucky_partial_credit_little_weight():
+    e = ex.parser.get_default("priority_exponent")
+    # right on 1 of 3 pairs (a constant output can be, by chance) weighs about what running does
+    assert ex.priority(0.0, e) < ex.priority(1 / 3, e) < 3 * ex.priority(0.0, e)
+    assert ex.priority(1.0, e) > 20 * ex.priority(2 / 3, e)
+
+
 def test_priority_floor_prefers_programs_that_run():
     runs, errs, truncated = ex.priority(0.0, 2), ex.priority(-1.0, 2), ex.priority(-2.0, 2)
     assert runs == pytest.approx(10 * errs) and errs == pytest.approx(10 * truncated)
