@@ -17,8 +17,8 @@ Run it:
     python exit.py --task add4 --search mcts    # the same with Gumbel MCTS as the searcher
     python exit.py --eval_only --ckpt runs/add4/ckpt.pt --task add6   # try a saved agent elsewhere
 
-How long: on a 2-core laptop CPU the first add4 iteration takes about 55 s, later ones 10-20 s
-(search 2-5 s, training most of the rest). After 10 minutes the agent solves 27-62% of
+How long: on a 2-core laptop CPU the first add4 iteration takes about 55 s, later ones 10-25 s
+(search a median 2-4 s, training most of the rest). After 10 minutes the agent solves 27-62% of
 held-out add4 (seeds 0-2; 32-74% at best), not 100%; the best run writes right programs for
 a third of the 4-input tasks. Longer runs, measured with an older, slower search and priority
 power 2, learned add-4 but stayed at 44-73% up to 2.0e14 FLOPs: the agent learns many padded
