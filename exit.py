@@ -47,10 +47,10 @@ Where we depart from the paper, and why:
   over programs that err; the outcome buffer is uniform. With the power 2 we used before, luck
   decided the start: before any task is solved, a constant program right on 1 of 3 pairs by
   chance (LDL 8 HLT) took the buffer, the policy settled on it and stopped sampling ADD 0 HLT,
-  and one seed in three never solved a training task in 10 minutes (README, "Measured"). Each distinct program enters the policy
-  buffer once per task and iteration, a task's programs with the same reward share one
-  priority, and all of a task's priorities are divided by how many of its rollouts earned its
-  best reward (--rarity 1). Without the first two, the agent collapsed onto "HLT" (the shortest
+  and seed 0 never solved a training task in 10 minutes; with 8 all of seeds 0-2 start (README,
+  "Measured"). Each distinct program enters the policy buffer once per task and iteration, a
+  task's programs with the same reward share one priority, and all of a task's priorities are
+  divided by how many of its rollouts earned its best reward (--rarity 1). Without the first two, the agent collapsed onto "HLT" (the shortest
   program with partial credit); without the sharing, the twenty ways to solve an add-2 task
   drowned the one way to solve an add-3 task; without the division, an add-2 solution the
   policy writes in half its samples weighed as much as an add-3 solution it found once, and the
