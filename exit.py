@@ -50,11 +50,11 @@ Where we depart from the paper, and why:
   and seed 0 never solved a training task in 10 minutes; with 8 all of seeds 0-2 start (README,
   "Measured"). Each distinct program enters the policy buffer once per task and iteration, a
   task's programs with the same reward share one priority, and all of a task's priorities are
-  divided by how many of its rollouts earned its best reward (--rarity 1). Without the first two, the agent collapsed onto "HLT" (the shortest
-  program with partial credit); without the sharing, the twenty ways to solve an add-2 task
-  drowned the one way to solve an add-3 task; without the division, an add-2 solution the
-  policy writes in half its samples weighed as much as an add-3 solution it found once, and the
-  search never got past add-2 in 10 minutes. (Dividing each reward by its own count instead let
+  divided by how many of its rollouts earned its best reward (--rarity 1). Without the first
+  two, the agent collapsed onto "HLT" (the shortest program with partial credit); without the
+  sharing, the twenty ways to solve an add-2 task drowned the one way to solve an add-3 task;
+  without the division, an add-2 solution the policy writes in half its samples weighed as much
+  as an add-3 solution it found once, and the search never got past add-2 in 10 minutes. (Dividing each reward by its own count instead let
   a task's rare wrong programs outweigh its common right ones: held-out add4 stalled at 20-40%
   while the search solved every training task. All measured; README, "Measured".)
 - Each trajectory in a batch weighs the same in the loss (a mean over its own targets, then over
