@@ -42,21 +42,21 @@ Where we depart from the paper, and why:
   untrained model, which sees little but the current byte, learned from the outcome targets
   T and S to write STA at every step (we measured it). "?" appears nowhere else.
 - An outcome digit d is valued at d/9 (exact for 3 or 9 examples, close for 4).
-- Policy-buffer priority is the fraction of hidden test pairs passed (the authors' follow-up
-  work) to the power 8 (--priority_exponent), plus a small floor that prefers programs that run
-  over programs that err; the outcome buffer is uniform. With the power 2 we used before, luck
-  decided the start: before any task is solved, a constant program right on 1 of 3 pairs by
-  chance (LDL 8 HLT) took the buffer, the policy settled on it and stopped sampling ADD 0 HLT,
-  and seed 0 never solved a training task in 10 minutes; with 8 all of seeds 0-2 start (README,
-  "Measured"). Each distinct program enters the policy buffer once per task and iteration, a
-  task's programs with the same reward share one priority, and all of a task's priorities are
-  divided by how many of its rollouts earned its best reward (--rarity 1). Without the first
-  two, the agent collapsed onto "HLT" (the shortest program with partial credit); without the
-  sharing, the twenty ways to solve an add-2 task drowned the one way to solve an add-3 task;
-  without the division, an add-2 solution the policy writes in half its samples weighed as much
-  as an add-3 solution it found once, and the search never got past add-2 in 10 minutes. (Dividing each reward by its own count instead let
-  a task's rare wrong programs outweigh its common right ones: held-out add4 stalled at 20-40%
-  while the search solved every training task. All measured; README, "Measured".)
+- Policy-buffer priority is the fraction of hidden test pairs passed (the authors' follow-up work)
+  to the power 8 (--priority_exponent), plus a small floor that prefers programs that run over
+  programs that err; the outcome buffer is uniform. With the power 2 we used before, luck decided
+  the start: before any task is solved, a constant program right on 1 of 3 pairs by chance (LDL 8
+  HLT) took the buffer, the policy settled on it and stopped sampling ADD 0 HLT, and seed 0 never
+  solved a training task in 10 minutes; with 8 all of seeds 0-2 start (README, "Measured"). Each
+  distinct program enters the policy buffer once per task and iteration, a task's programs with
+  the same reward share one priority, and all of a task's priorities are divided by how many of
+  its rollouts earned its best reward (--rarity 1). Without the first two, the agent collapsed
+  onto "HLT" (the shortest program with partial credit); without the sharing, the twenty ways to
+  solve an add-2 task drowned the one way to solve an add-3 task; without the division, an add-2
+  solution the policy writes in half its samples weighed as much as an add-3 solution it found
+  once, and the search never got past add-2 in 10 minutes. (Dividing each reward by its own count
+  instead let a task's rare wrong programs outweigh its common right ones: held-out add4 stalled
+  at 20-40% while the search solved every training task. All measured; README, "Measured".)
 - Each trajectory in a batch weighs the same in the loss (a mean over its own targets, then over
   trajectories), so the priority alone decides how much a program is trained on. With a plain
   mean over tokens, a rarely drawn 20-unit junk program outweighed the short programs that earn
