@@ -47,7 +47,9 @@ Where we depart from the paper, and why:
   programs that err; the outcome buffer is uniform. With the power 2 we used before, luck decided
   the start: before any task is solved, a constant program right on 1 of 3 pairs by chance (LDL 8
   HLT) took the buffer, the policy settled on it and stopped sampling ADD 0 HLT, and seed 0 never
-  solved a training task in 10 minutes; with 8 all of seeds 0-2 start (README, "Measured"). Each
+  solved a training task in 10 minutes; with 8 all of seeds 0-2 start (README, "Measured"). The
+  power 32, where partial credit counts for nothing, started seeds 0-5 sooner but left seed 1 on
+  add-2 for 10 minutes: partial credit is also the first rung from add-2 to add-3. Each
   distinct program enters the policy buffer once per task and iteration, a task's programs with
   the same reward share one priority, and all of a task's priorities are divided by how many of
   its rollouts earned its best reward (--rarity 1). Without the first two, the agent collapsed
