@@ -123,6 +123,13 @@ arg("--train_steps", type=int, default=8, help="gradient steps per iteration")
 arg("--buffer_size", type=int, default=20000, help="capacity of each replay buffer")
 arg("--priority_exponent", type=float, default=8.0, help="priority = fraction passed ** this")
 arg("--rarity", type=float, default=1.0, help="divide by the task's best-reward count ** this")
+arg(
+    "--share",
+    default="equal",
+    choices=["equal", "copies", "mode", "consensus"],
+    help="how a task's solutions split its priority: equally, by copies written, all to the "
+    "most-written one, or all to the one most written over the batch",
+)
 # system
 arg("--seed", type=int, default=0, help="one seed for the whole run")
 arg("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
@@ -898,9 +905,9 @@ def priority(reward, exponent):
     return max(reward, 0.0) ** exponent + PRIORITY_FLOOR * 10 ** (min(reward, 0.0) + 2)
 
 
-def shared_priorities(task_ids, rewards, copies, args):
-    """Priorities for one iteration's distinct programs (task i, reward r, sampled copies[k]
-    times each).
+def shared_priorities(task_ids, programs, rewards, copies, args):
+    """Priorities for one iteration's distinct programs (task i, program, reward r, sampled
+    copies[k] times each).
 
     A task's distinct programs with the same reward share one priority, in equal parts. An easy
     task solved by twenty variants must not outweigh a hard task solved once: without the sharing
@@ -912,15 +919,37 @@ def shared_priorities(task_ids, rewards, copies, args):
     task's right programs above its wrong ones (the module docstring says what dividing each
     reward by its own count did). MCTS gives one program per task, so there the division
     changes nothing.
+
+    args.share says how a task's full solutions split their part: "equal" (the default), in
+    proportion to the copies sampled ("copies"), all to the one sampled most ("mode"), or all to
+    the one sampled most over the whole batch of tasks ("consensus"), so that every task that
+    one program solves teaches that program.
     """
     share, found, best = collections.Counter(), collections.Counter(), {}
-    for i, r, c in zip(task_ids, rewards, copies):
+    written = collections.Counter()  # copies of each full solution, over all tasks
+    for i, program, r, c in zip(task_ids, programs, rewards, copies):
         share[i, r] += 1
         found[i, r] += c
         best[i] = max(best.get(i, r), r)
+        if r == 1.0:
+            written[tuple(program)] += c
+    chosen = {}  # task -> index of the one solution "mode" or "consensus" keeps
+    for k, (i, program, r, c) in enumerate(zip(task_ids, programs, rewards, copies)):
+        if r == 1.0 and args.share in ("mode", "consensus"):
+            key = (written[tuple(program)] if args.share == "consensus" else 0, c)
+            if i not in chosen or key > chosen[i][0]:
+                chosen[i] = key, k  # the first where tied
+
+    def part(k, i, r, c):  # program k's part of its task's priority for reward r
+        if r == 1.0 and args.share == "copies":
+            return c / found[i, r]
+        if r == 1.0 and args.share in ("mode", "consensus"):
+            return float(chosen[i][1] == k)
+        return 1 / share[i, r]
+
     return [
-        priority(r, args.priority_exponent) / share[i, r] / found[i, best[i]] ** args.rarity
-        for i, r in zip(task_ids, rewards)
+        priority(r, args.priority_exponent) * part(k, i, r, c) / found[i, best[i]] ** args.rarity
+        for k, (i, r, c) in enumerate(zip(task_ids, rewards, copies))
     ]
 
 
@@ -1442,6 +1471,7 @@ def run(args):
         ]
         shared = shared_priorities(
             [i for i, *_ in scored],
+            [p for _, p, *_ in scored],
             [r for *_, r in scored],
             [copies[i, p] for i, p, *_ in scored],
             args,
