@@ -126,9 +126,9 @@ arg("--rarity", type=float, default=1.0, help="divide by the task's best-reward 
 arg(
     "--share",
     default="equal",
-    choices=["equal", "copies", "mode", "consensus"],
+    choices=["equal", "copies", "mode", "consensus", "general"],
     help="how a task's solutions split its priority: equally, by copies written, all to the "
-    "most-written one, or all to the one most written over the batch",
+    "most-written one, to the one most written over the batch, or to those solving most tasks",
 )
 # system
 arg("--seed", type=int, default=0, help="one seed for the whole run")
@@ -905,7 +905,7 @@ def priority(reward, exponent):
     return max(reward, 0.0) ** exponent + PRIORITY_FLOOR * 10 ** (min(reward, 0.0) + 2)
 
 
-def shared_priorities(task_ids, programs, rewards, copies, args):
+def shared_priorities(task_ids, programs, rewards, copies, args, solves=None):
     """Priorities for one iteration's distinct programs (task i, program, reward r, sampled
     copies[k] times each).
 
@@ -923,7 +923,8 @@ def shared_priorities(task_ids, programs, rewards, copies, args):
     args.share says how a task's full solutions split their part: "equal" (the default), in
     proportion to the copies sampled ("copies"), all to the one sampled most ("mode"), or all to
     the one sampled most over the whole batch of tasks ("consensus"), so that every task that
-    one program solves teaches that program.
+    one program solves teaches that program, or in equal parts to those that solve the most
+    tasks of the batch ("general": solves[program] counts them).
     """
     share, found, best = collections.Counter(), collections.Counter(), {}
     written = collections.Counter()  # copies of each full solution, over all tasks
@@ -934,17 +935,25 @@ def shared_priorities(task_ids, programs, rewards, copies, args):
         if r == 1.0:
             written[tuple(program)] += c
     chosen = {}  # task -> index of the one solution "mode" or "consensus" keeps
+    most = collections.defaultdict(list)  # task -> its solutions that solve the most tasks
     for k, (i, program, r, c) in enumerate(zip(task_ids, programs, rewards, copies)):
         if r == 1.0 and args.share in ("mode", "consensus"):
             key = (written[tuple(program)] if args.share == "consensus" else 0, c)
             if i not in chosen or key > chosen[i][0]:
                 chosen[i] = key, k  # the first where tied
+        if r == 1.0 and args.share == "general":
+            if not most[i] or solves[program] > solves[programs[most[i][0]]]:
+                most[i] = []
+            if not most[i] or solves[program] == solves[programs[most[i][0]]]:
+                most[i].append(k)
 
     def part(k, i, r, c):  # program k's part of its task's priority for reward r
         if r == 1.0 and args.share == "copies":
             return c / found[i, r]
         if r == 1.0 and args.share in ("mode", "consensus"):
             return float(chosen[i][1] == k)
+        if r == 1.0 and args.share == "general":
+            return (k in most[i]) / len(most[i])
         return 1 / share[i, r]
 
     return [
@@ -1469,12 +1478,20 @@ def run(args):
             (i, p, *lmc.score(p, tasks[i].test_inputs, tasks[i].test_outputs))
             for i, p in trajectories
         ]
+        solves = None
+        if args.share == "general":  # how many of the batch's tasks each solution solves
+            solutions = {p for _, p, _, r in scored if r == 1.0}
+            solves = {
+                p: sum(lmc.score(p, t.test_inputs, t.test_outputs)[1] == 1.0 for t in tasks)
+                for p in solutions
+            }
         shared = shared_priorities(
             [i for i, *_ in scored],
             [p for _, p, *_ in scored],
             [r for *_, r in scored],
             [copies[i, p] for i, p, *_ in scored],
             args,
+            solves,
         )
         for (i, program, outcome, _), p in zip(scored, shared):
             policy_buffer.add((tasks[i], program, outcome), p)

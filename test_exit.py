@@ -509,6 +509,15 @@ def test_share_consensus_gives_each_task_the_solution_written_most_over_all_task
     assert shared == pytest.approx([ex.priority(1.0, 2), 0.0, ex.priority(1.0, 2), 0.0])
 
 
+def test_share_general_gives_each_task_the_solution_that_solves_the_most_tasks():
+    args = argparse_namespace(priority_exponent=2.0, rarity=0.0, share="general")
+    # one task wrote "a" 9 times and "b" and "c" once each; "b" and "c" solve 3 of the batch's
+    # tasks, "a" only this one: "b" and "c" share the task's priority
+    solves = {"a": 1, "b": 3, "c": 3}
+    shared = ex.shared_priorities([0, 0, 0], "abc", [1.0] * 3, [9, 1, 1], args, solves)
+    assert shared == pytest.approx([0.0, ex.priority(1.0, 2) / 2, ex.priority(1.0, 2) / 2])
+
+
 def test_rarity_favours_what_the_search_found_seldom():
     args = argparse_namespace(priority_exponent=2.0, rarity=1.0, share="equal")
     # task 0's one solution was sampled 10 times, task 1's once
