@@ -17,17 +17,17 @@ Run it:
     python exit.py --task add4 --search mcts    # the same with Gumbel MCTS as the searcher
     python exit.py --eval_only --ckpt runs/add4/ckpt.pt --task add6   # try a saved agent elsewhere
 
-How long: on a 2-core laptop CPU the first add4 iteration takes about 55 s, later ones 10-25 s
-(search a median 2-4 s, training most of the rest). After 10 minutes the agent solves 27-62% of
-held-out add4 (seeds 0-2; 32-74% at best), not 100%; the best run writes right programs for
-a third of the 4-input tasks. Longer runs, measured with an older, slower search and priority
-power 2, learned add-4 but stayed at 44-73% up to 2.0e14 FLOPs: the agent learns many padded
-right programs per task (the buffer weighs them alike) and one sample at temperature 0.8 often
-picks a wrong operand (the best of 16 samples, --eval_rollouts 16, solved every held-out task
-there). Each iteration searches 16 tasks and trains the outcome predictor on 8 trajectories a
-step (table 3 fixes neither). On one H100 GPU (--device cuda) older defaults solved 86% after
-111 s, never 100% in 200 iterations (README, "Measured"). Making the demo reach 100% in
-minutes is open work.
+How long: on a 2-core laptop CPU the first add4 iteration takes about 50 s, later ones 7-32 s
+(search a median 2-3 s, training 5-10 s). After 10 minutes the agent solves 79%, 86% and 55% of
+held-out add4 (seeds 0, 1, 2), not 100%; seed 2 writes no right 4-input program by then, and
+the others often pick a wrong third operand. Longer runs, measured with an older, slower search
+and priority power 2, learned add-4 but stayed at 44-73% up to 2.0e14 FLOPs: the agent learns
+many padded right programs per task (the buffer weighs them alike) and one sample at
+temperature 0.8 often picks a wrong operand (the best of 16 samples, --eval_rollouts 16, solved
+every held-out task there). Each iteration searches 16 tasks and trains the outcome predictor
+on 8 trajectories a step (table 3 fixes neither). On one H100 GPU (--device cuda) older
+defaults solved 86% after 111 s, never 100% in 200 iterations (README, "Measured"). Making the
+demo reach 100% in minutes is open work.
 
 Where we depart from the paper, and why:
 - Eq. 1 sums the log-probabilities of a code unit's bytes. We restrict each byte's distribution
@@ -59,6 +59,10 @@ Where we depart from the paper, and why:
   once, and the search never got past add-2 in 10 minutes. (Dividing each reward by its own count
   instead let a task's rare wrong programs outweigh its common right ones: held-out add4 stalled
   at 20-40% while the search solved every training task. All measured; README, "Measured".)
+  How a task's full solutions split its part is --share, equal by default. Sharper splits (all
+  to the solution written most for the task, or over the batch) took seed 0 to 92-93% held-out
+  in 10 minutes but left seeds 1 and 2 on add-2: the padded add-2 solutions they drop (ADD 0
+  ADD 1 HLT, right because unused cells hold 0) are the rung to add-3.
 - Each trajectory in a batch weighs the same in the loss (a mean over its own targets, then over
   trajectories), so the priority alone decides how much a program is trained on. With a plain
   mean over tokens, a rarely drawn 20-unit junk program outweighed the short programs that earn
