@@ -789,6 +789,11 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
     --mcts_prior uniform and --mcts_value zero switch off the policy or the value (figure 5).
     Returns (programs, trajectories) like sample_and_filter, one program per task. With a list as
     `trace`, each decision appends {task index: (root visit counts, action weights)}.
+
+    Measured on add4 (README): 32% held-out on seed 0, 0% on seeds 1 and 2. With random weights
+    the search halts at once (HLT is worth its score, 0, while the value expects errors below
+    every other unit), the one program per task it hands the buffer is HLT, and the policy learns
+    to halt; S&F's 128 samples at temperature 1.2 contain programs that run and escape this.
     """
     device = next(model.parameters()).device
 
