@@ -944,17 +944,19 @@ def shared_priorities(task_ids, programs, rewards, copies, args, solves=None):
         if r == 1.0:
             written[tuple(program)] += c
     chosen = {}  # task -> index of the one solution "mode" or "consensus" keeps
-    most = collections.defaultdict(list)  # task -> its solutions that solve the most tasks
+    top = {}  # task -> the most batch tasks that one of its solutions solves ("general")
     for k, (i, program, r, c) in enumerate(zip(task_ids, programs, rewards, copies)):
         if r == 1.0 and args.share in ("mode", "consensus"):
             key = (written[tuple(program)] if args.share == "consensus" else 0, c)
             if i not in chosen or key > chosen[i][0]:
                 chosen[i] = key, k  # the first where tied
         if r == 1.0 and args.share == "general":
-            if not most[i] or solves[program] > solves[programs[most[i][0]]]:
-                most[i] = []
-            if not most[i] or solves[program] == solves[programs[most[i][0]]]:
-                most[i].append(k)
+            top[i] = max(top.get(i, 0), solves[program])
+    is_top = [
+        r == 1.0 and i in top and solves[p] == top[i]
+        for i, p, r in zip(task_ids, programs, rewards)
+    ]
+    n_top = collections.Counter(i for i, t in zip(task_ids, is_top) if t)
 
     def part(k, i, r, c):  # program k's part of its task's priority for reward r
         if r == 1.0 and args.share == "copies":
@@ -962,7 +964,7 @@ def shared_priorities(task_ids, programs, rewards, copies, args, solves=None):
         if r == 1.0 and args.share in ("mode", "consensus"):
             return float(chosen[i][1] == k)
         if r == 1.0 and args.share == "general":
-            return (k in most[i]) / len(most[i])
+            return is_top[k] / n_top[i]
         return 1 / share[i, r]
 
     return [
