@@ -59,10 +59,10 @@ Where we depart from the paper, and why:
   once, and the search never got past add-2 in 10 minutes. (Dividing each reward by its own count
   instead let a task's rare wrong programs outweigh its common right ones: held-out add4 stalled
   at 20-40% while the search solved every training task. All measured; README, "Measured".)
-  How a task's full solutions split its part is --share, equal by default. Sharper splits (all
-  to the solution written most for the task, or over the batch) took seed 0 to 92-93% held-out
-  in 10 minutes but left seeds 1 and 2 on add-2: the padded add-2 solutions they drop (ADD 0
-  ADD 1 HLT, right because unused cells hold 0) are the rung to add-3.
+  A task's full solutions split its part equally. Sharper splits (all to the solution written
+  most for the task, or over the batch; an option until commit 24f593d) took seed 0 to 92-93%
+  held-out in 10 minutes but left seeds 1 and 2 on add-2: the padded add-2 solutions they drop
+  (ADD 0 ADD 1 HLT, right because unused cells hold 0) are the rung to add-3.
 - Each trajectory in a batch weighs the same in the loss (a mean over its own targets, then over
   trajectories), so the priority alone decides how much a program is trained on. With a plain
   mean over tokens, a rarely drawn 20-unit junk program outweighed the short programs that earn
@@ -127,13 +127,6 @@ arg("--train_steps", type=int, default=8, help="gradient steps per iteration")
 arg("--buffer_size", type=int, default=20000, help="capacity of each replay buffer")
 arg("--priority_exponent", type=float, default=8.0, help="priority = fraction passed ** this")
 arg("--rarity", type=float, default=1.0, help="divide by the task's best-reward count ** this")
-arg(
-    "--share",
-    default="equal",
-    choices=["equal", "copies", "mode", "consensus", "general"],
-    help="how a task's solutions split its priority: equally, by copies written, all to the "
-    "most-written one, to the one most written over the batch, or to those solving most tasks",
-)
 # system
 arg("--seed", type=int, default=0, help="one seed for the whole run")
 arg("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
@@ -914,9 +907,9 @@ def priority(reward, exponent):
     return max(reward, 0.0) ** exponent + PRIORITY_FLOOR * 10 ** (min(reward, 0.0) + 2)
 
 
-def shared_priorities(task_ids, programs, rewards, copies, args, solves=None):
-    """Priorities for one iteration's distinct programs (task i, program, reward r, sampled
-    copies[k] times each).
+def shared_priorities(task_ids, rewards, copies, args):
+    """Priorities for one iteration's distinct programs: program k is task_ids[k]'s, earned
+    rewards[k] and was sampled copies[k] times.
 
     A task's distinct programs with the same reward share one priority, in equal parts. An easy
     task solved by twenty variants must not outweigh a hard task solved once: without the sharing
@@ -928,48 +921,15 @@ def shared_priorities(task_ids, programs, rewards, copies, args, solves=None):
     task's right programs above its wrong ones (the module docstring says what dividing each
     reward by its own count did). MCTS gives one program per task, so there the division
     changes nothing.
-
-    args.share says how a task's full solutions split their part: "equal" (the default), in
-    proportion to the copies sampled ("copies"), all to the one sampled most ("mode"), or all to
-    the one sampled most over the whole batch of tasks ("consensus"), so that every task that
-    one program solves teaches that program, or in equal parts to those that solve the most
-    tasks of the batch ("general": solves[program] counts them).
     """
     share, found, best = collections.Counter(), collections.Counter(), {}
-    written = collections.Counter()  # copies of each full solution, over all tasks
-    for i, program, r, c in zip(task_ids, programs, rewards, copies):
-        share[i, r] += 1
-        found[i, r] += c
+    for i, r, c in zip(task_ids, rewards, copies):
+        share[i, r] += 1  # distinct programs of task i with reward r
+        found[i, r] += c  # rollouts of task i with reward r, copies included
         best[i] = max(best.get(i, r), r)
-        if r == 1.0:
-            written[tuple(program)] += c
-    chosen = {}  # task -> index of the one solution "mode" or "consensus" keeps
-    top = {}  # task -> the most batch tasks that one of its solutions solves ("general")
-    for k, (i, program, r, c) in enumerate(zip(task_ids, programs, rewards, copies)):
-        if r == 1.0 and args.share in ("mode", "consensus"):
-            key = (written[tuple(program)] if args.share == "consensus" else 0, c)
-            if i not in chosen or key > chosen[i][0]:
-                chosen[i] = key, k  # the first where tied
-        if r == 1.0 and args.share == "general":
-            top[i] = max(top.get(i, 0), solves[program])
-    is_top = [
-        r == 1.0 and i in top and solves[p] == top[i]
-        for i, p, r in zip(task_ids, programs, rewards)
-    ]
-    n_top = collections.Counter(i for i, t in zip(task_ids, is_top) if t)
-
-    def part(k, i, r, c):  # program k's part of its task's priority for reward r
-        if r == 1.0 and args.share == "copies":
-            return c / found[i, r]
-        if r == 1.0 and args.share in ("mode", "consensus"):
-            return float(chosen[i][1] == k)
-        if r == 1.0 and args.share == "general":
-            return is_top[k] / n_top[i]
-        return 1 / share[i, r]
-
     return [
-        priority(r, args.priority_exponent) * part(k, i, r, c) / found[i, best[i]] ** args.rarity
-        for k, (i, r, c) in enumerate(zip(task_ids, rewards, copies))
+        priority(r, args.priority_exponent) * (1 / share[i, r]) / found[i, best[i]] ** args.rarity
+        for i, r in zip(task_ids, rewards)
     ]
 
 
@@ -1489,20 +1449,11 @@ def run(args):
             (i, p, *lmc.score(p, tasks[i].test_inputs, tasks[i].test_outputs))
             for i, p in trajectories
         ]
-        solves = None
-        if args.share == "general":  # how many of the batch's tasks each solution solves
-            solutions = {p for _, p, _, r in scored if r == 1.0}
-            solves = {
-                p: sum(lmc.score(p, t.test_inputs, t.test_outputs)[1] == 1.0 for t in tasks)
-                for p in solutions
-            }
         shared = shared_priorities(
             [i for i, *_ in scored],
-            [p for _, p, *_ in scored],
             [r for *_, r in scored],
             [copies[i, p] for i, p, *_ in scored],
             args,
-            solves,
         )
         for (i, program, outcome, _), p in zip(scored, shared):
             policy_buffer.add((tasks[i], program, outcome), p)

@@ -474,65 +474,32 @@ def test_priority_floor_prefers_programs_that_run():
 
 
 def test_shared_priorities_split_a_task_among_equal_programs():
-    args = argparse_namespace(priority_exponent=2.0, rarity=0.0, share="equal")
+    args = argparse_namespace(priority_exponent=2.0, rarity=0.0)
     # task 0: four different solutions (sampled 3, 1, 1, 1 times) and one wrong program;
     # task 1: one solution. rarity 0: how often each was sampled does not matter
-    programs = ["a", "b", "c", "d", "e", "a"]
     shared = ex.shared_priorities(
-        [0, 0, 0, 0, 0, 1], programs, [1.0, 1.0, 1.0, 1.0, 0.0, 1.0], [3, 1, 1, 1, 2, 1], args
+        [0, 0, 0, 0, 0, 1], [1.0, 1.0, 1.0, 1.0, 0.0, 1.0], [3, 1, 1, 1, 2, 1], args
     )
     assert sum(shared[:4]) == pytest.approx(shared[5])  # each task's solutions weigh the same
     assert shared[0] == pytest.approx(shared[1])  # within a task, in equal parts
     assert shared[4] == pytest.approx(ex.priority(0.0, 2))
 
 
-def test_share_mode_gives_a_tasks_solutions_to_the_one_written_most():
-    args = argparse_namespace(priority_exponent=2.0, rarity=0.0, share="mode")
-    # one task: three solutions sampled 1, 3 and 3 times, and a program right on 2 of 3 pairs
-    # sampled twice, next to its equal that was sampled once
-    programs = ["a", "b", "c", "d", "e"]
-    shared = ex.shared_priorities(
-        [0, 0, 0, 0, 0], programs, [1.0, 1.0, 1.0, 2 / 3, 2 / 3], [1, 3, 3, 2, 1], args
-    )
-    assert shared[:3] == [0.0, pytest.approx(ex.priority(1.0, 2)), 0.0]  # the first of the tied
-    assert shared[3] == pytest.approx(shared[4])  # programs short of a solution still share
-    args.share = "copies"  # solutions by how often the search wrote them: 1/7, 3/7, 3/7
-    shared = ex.shared_priorities([0, 0, 0], "abc", [1.0, 1.0, 1.0], [1, 3, 3], args)
-    assert shared == pytest.approx([ex.priority(1.0, 2) * c / 7 for c in (1, 3, 3)])
-
-
-def test_share_consensus_gives_each_task_the_solution_written_most_over_all_tasks():
-    args = argparse_namespace(priority_exponent=2.0, rarity=0.0, share="consensus")
-    # task 0 wrote solution "a" 5 times and "b" once; task 1 wrote "a" once and "b" twice.
-    # Over both, "a" was written 6 times and "b" 3: task 1 too trains on "a"
-    shared = ex.shared_priorities([0, 0, 1, 1], "abab", [1.0] * 4, [5, 1, 1, 2], args)
-    assert shared == pytest.approx([ex.priority(1.0, 2), 0.0, ex.priority(1.0, 2), 0.0])
-
-
-def test_share_general_gives_each_task_the_solution_that_solves_the_most_tasks():
-    args = argparse_namespace(priority_exponent=2.0, rarity=0.0, share="general")
-    # one task wrote "a" 9 times and "b" and "c" once each; "b" and "c" solve 3 of the batch's
-    # tasks, "a" only this one: "b" and "c" share the task's priority
-    solves = {"a": 1, "b": 3, "c": 3}
-    shared = ex.shared_priorities([0, 0, 0], "abc", [1.0] * 3, [9, 1, 1], args, solves)
-    assert shared == pytest.approx([0.0, ex.priority(1.0, 2) / 2, ex.priority(1.0, 2) / 2])
-
-
 def test_rarity_favours_what_the_search_found_seldom():
-    args = argparse_namespace(priority_exponent=2.0, rarity=1.0, share="equal")
+    args = argparse_namespace(priority_exponent=2.0, rarity=1.0)
     # task 0's one solution was sampled 10 times, task 1's once
-    shared = ex.shared_priorities([0, 1], "aa", [1.0, 1.0], [10, 1], args)
+    shared = ex.shared_priorities([0, 1], [1.0, 1.0], [10, 1], args)
     assert shared[1] == pytest.approx(10 * shared[0])
     args.rarity = 0.0  # off: both tasks weigh the same
-    shared = ex.shared_priorities([0, 1], "aa", [1.0, 1.0], [10, 1], args)
+    shared = ex.shared_priorities([0, 1], [1.0, 1.0], [10, 1], args)
     assert shared[0] == pytest.approx(shared[1])
 
 
 def test_rarity_keeps_a_tasks_right_programs_above_its_wrong_ones():
-    args = argparse_namespace(priority_exponent=2.0, rarity=1.0, share="equal")
+    args = argparse_namespace(priority_exponent=2.0, rarity=1.0)
     # one task: a solution sampled 50 times, a program right on 2 of 3 pairs sampled once.
     # Dividing each reward by its own count would rank the wrong program 22 times higher.
-    right, wrong = ex.shared_priorities([0, 0], "ab", [1.0, 2 / 3], [50, 1], args)
+    right, wrong = ex.shared_priorities([0, 0], [1.0, 2 / 3], [50, 1], args)
     assert right > wrong
 
 
