@@ -784,9 +784,10 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
     `trace`, each decision appends {task index: (root visit counts, action weights)}.
 
     Measured on add4 (README): 32% held-out on seed 0, 0% on seeds 1 and 2. With random weights
-    the search halts at once (HLT is worth its score, 0, while the value expects errors below
-    every other unit), the one program per task it hands the buffer is HLT, and the policy learns
-    to halt; S&F's 128 samples at temperature 1.2 contain programs that run and escape this.
+    the first search writes HLT alone or long programs that err; HLT runs, so the policy learns
+    it, the outcome predictor learns that every other unit leads to an error, and with one
+    program per task the search never leaves HLT (64 tasks a turn did not help). S&F's 128
+    samples at temperature 1.2 contain programs that run and escape this.
     """
     device = next(model.parameters()).device
 
