@@ -1584,7 +1584,8 @@ def run(args):
 def run_eval_only(args, device):
     """Evaluate a saved agent on --task (any family or task file) and print held-out solved,
     overall and by the number of inputs per example, or with --show print how it writes
-    programs for the first three held-out tasks.
+    programs for the first three held-out tasks. With --search mcts, Gumbel MCTS writes the
+    submitted programs (--num_simulations per decision) instead of one sample.
     """
     if not args.ckpt:
         raise UserError("--eval_only and --show need --ckpt PATH")
@@ -1598,13 +1599,20 @@ def run_eval_only(args, device):
     generator = torch.Generator().manual_seed(args.seed)
     if args.show:
         return show(model, heldout[:3], args, generator)
-    solved, _, _, outcomes = evaluate(model, heldout, args, generator)
+    # --search mcts: Gumbel MCTS writes each submitted program (search at test time)
+    mcts = args.search == "mcts"
+    solved, _, _, outcomes = evaluate(model, heldout, args, generator, mcts=mcts)
+    how = (
+        f"Gumbel MCTS, {args.num_simulations} simulations"
+        if mcts
+        else f"best of {args.eval_rollouts} at temperature {args.eval_temperature}"
+    )
     # the same, split by how many inputs a task's examples have (add4: 2, 3 or 4)
     by_size = solved_by_size(heldout, outcomes)
     sizes = ", ".join(f"{n}: {f:.0%} of {count}" for n, (f, count) in by_size.items())
     print(
         f"{args.ckpt} (trained on {saved['task']}, iteration {state['iteration']}) on "
-        f"{len(heldout)} held-out {args.task} tasks: {solved:.0%} solved "
+        f"{len(heldout)} held-out {args.task} tasks, {how}: {solved:.0%} solved "
         f"(by number of inputs: {sizes})"
     )
     return solved
