@@ -786,8 +786,9 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
     Measured on add4 (README): 32% held-out on seed 0, 0% on seeds 1 and 2. With random weights
     the first search writes HLT alone or long programs that err; HLT runs, so the policy learns
     it, the outcome predictor learns that every other unit leads to an error, and with one
-    program per task the search never leaves HLT (64 tasks a turn did not help). S&F's 128
-    samples at temperature 1.2 contain programs that run and escape this.
+    program per task the search never leaves HLT (64 tasks a turn did not help, nor a priority
+    floor that weighs HLT no more than an error). S&F's 128 samples at temperature 1.2
+    contain programs that run and escape this.
     """
     device = next(model.parameters()).device
 
