@@ -20,10 +20,10 @@ Run it:
 How long: on a 2-core laptop CPU the first add4 iteration takes about 50 s, later ones 7-32 s
 (search a median 2-3 s, training 5-10 s). After 10 minutes the agent solves 79%, 86% and 55% of
 held-out add4 (seeds 0, 1, 2), not 100%: it can write the programs (the best of 16 samples
-solved every held-out task on a longer run), but one sample at temperature 0.8 often picks a
-wrong operand. Each iteration searches 16 tasks and trains the outcome predictor on 8
-trajectories a step (table 3 fixes neither). Making the demo reach 100% in minutes is open work
-(README, "Measured").
+solved every held-out task on a longer run, older code), but one sample at temperature 0.8
+often picks a wrong operand. Each iteration searches 16 tasks and trains the outcome predictor
+on 8 trajectories a step (table 3 fixes neither). Making the demo reach 100% in minutes is open
+work (README, "Measured").
 
 Where we depart from the paper, and why:
 - Eq. 1 sums the log-probabilities of a code unit's bytes. We restrict each byte's distribution
