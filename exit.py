@@ -123,6 +123,12 @@ arg("--train_steps", type=int, default=8, help="gradient steps per iteration")
 arg("--buffer_size", type=int, default=20000, help="capacity of each replay buffer")
 arg("--priority_exponent", type=float, default=8.0, help="priority = fraction passed ** this")
 arg("--rarity", type=float, default=1.0, help="divide by the task's best-reward count ** this")
+arg(
+    "--sharpen",
+    default="solved",
+    choices=["solved", "never", "always"],
+    help="when each task starts teaching one solution only (solved: once a batch is all solved)",
+)
 # system
 arg("--seed", type=int, default=0, help="one seed for the whole run")
 arg("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
@@ -905,8 +911,8 @@ def priority(reward, exponent):
     return max(reward, 0.0) ** exponent + PRIORITY_FLOOR * 10 ** (min(reward, 0.0) + 2)
 
 
-def shared_priorities(task_ids, rewards, copies, args):
-    """Priorities for one iteration's distinct programs: program k is task_ids[k]'s, earned
+def shared_priorities(task_ids, programs, rewards, copies, args, consensus=False):
+    """Priorities for one iteration's distinct programs: programs[k] is task_ids[k]'s, earned
     rewards[k] and was sampled copies[k] times.
 
     A task's distinct programs with the same reward share one priority, in equal parts. An easy
@@ -919,15 +925,34 @@ def shared_priorities(task_ids, rewards, copies, args):
     task's right programs above its wrong ones (the module docstring says what dividing each
     reward by its own count did). MCTS gives one program per task, so there the division
     changes nothing.
+
+    With consensus=True (the loop turns it on once the search has solved every task of a
+    batch: --sharpen) a task's full solutions no longer split its part: all of it goes to the one
+    written most over the whole batch (then most for the task; the first where tied), and the
+    others get 0. The agent then learns one program wherever it is right, not a blend of them.
     """
     share, found, best = collections.Counter(), collections.Counter(), {}
-    for i, r, c in zip(task_ids, rewards, copies):
+    written = collections.Counter()  # copies of each full solution, over all tasks of the batch
+    for i, program, r, c in zip(task_ids, programs, rewards, copies):
         share[i, r] += 1  # distinct programs of task i with reward r
         found[i, r] += c  # rollouts of task i with reward r, copies included
         best[i] = max(best.get(i, r), r)
+        if r == 1.0:
+            written[tuple(program)] += c
+    chosen = {}  # task -> (how often written, index) of the one solution consensus keeps
+    for k, (i, program, r, c) in enumerate(zip(task_ids, programs, rewards, copies)):
+        key = (written[tuple(program)], c)
+        if consensus and r == 1.0 and (i not in chosen or key > chosen[i][0]):
+            chosen[i] = key, k
+
+    def part(k, i, r):  # program k's part of its task's priority for reward r
+        if consensus and r == 1.0:
+            return float(chosen[i][1] == k)
+        return 1 / share[i, r]
+
     return [
-        priority(r, args.priority_exponent) * (1 / share[i, r]) / found[i, best[i]] ** args.rarity
-        for i, r in zip(task_ids, rewards)
+        priority(r, args.priority_exponent) * part(k, i, r) / found[i, best[i]] ** args.rarity
+        for k, (i, r) in enumerate(zip(task_ids, rewards))
     ]
 
 
@@ -1391,6 +1416,8 @@ def run(args):
     )
     policy_buffer, outcome_buffer = ReplayBuffer(args.buffer_size), ReplayBuffer(args.buffer_size)
     start_iter, flops_search, flops_train, elapsed0 = 0, 0.0, 0.0, 0.0
+    # the iteration after which each task teaches one solution (shared_priorities' consensus)
+    sharpened_at = -1 if args.sharpen == "always" else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -1404,6 +1431,7 @@ def run(args):
             state["flops_train"],
         )
         elapsed0 = state["elapsed_s"]
+        sharpened_at = state.get("sharpened_at", sharpened_at)
         print(f"resumed {ckpt_path} after iteration {state['iteration']}")
     n_params = sum(p.numel() for p in model.parameters())
     print(
@@ -1449,9 +1477,11 @@ def run(args):
         ]
         shared = shared_priorities(
             [i for i, *_ in scored],
+            [p for _, p, *_ in scored],
             [r for *_, r in scored],
             [copies[i, p] for i, p, *_ in scored],
             args,
+            consensus=sharpened_at is not None,
         )
         for (i, program, outcome, _), p in zip(scored, shared):
             policy_buffer.add((tasks[i], program, outcome), p)
@@ -1464,6 +1494,8 @@ def run(args):
         train_solved = sum(
             lmc.score(p, t.test_inputs, t.test_outputs)[1] == 1.0 for p, t in zip(best, tasks)
         ) / len(tasks)
+        if train_solved == 1.0 and sharpened_at is None and args.sharpen == "solved":
+            sharpened_at = it  # from the next iteration on: one solution per task
 
         # --- learn: next-token training on the replay buffers
         t0, flops0, tokens0 = time.time(), model.flops, model.tokens
@@ -1512,6 +1544,7 @@ def run(args):
             tokens_per_s=search_tokens / search_s,
             train_tokens_per_s=train_tokens / max(train_s, 1e-9),
             simulations_per_s=simulations / search_s,
+            sharpened_at=sharpened_at,  # None until the search has solved a whole batch
         )
         print(
             f"iter {it:3d} | train {train_solved:4.0%} | heldout {heldout_solved:4.0%} | "
@@ -1526,6 +1559,11 @@ def run(args):
         )
         log_file.write(json.dumps(row) + "\n")
         log_file.flush()
+        if sharpened_at == it:
+            print(
+                "      the search solved every training task: from now on each task teaches one "
+                "solution, the one written most over the batch (--sharpen)"
+            )
         if it % args.show_every == 0:
             t = heldout[0]
             sizes = ", ".join(f"{n}: {f:.0%}" for n, f in row["heldout_by_size"].items())
@@ -1545,6 +1583,7 @@ def run(args):
             elapsed_s=elapsed,
             gen=gen.get_state(),
             eval_gen=eval_gen.get_state(),
+            sharpened_at=sharpened_at,
             policy_buffer=buffer_state(policy_buffer),
             outcome_buffer=buffer_state(outcome_buffer),
         )

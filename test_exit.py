@@ -477,8 +477,9 @@ def test_shared_priorities_split_a_task_among_equal_programs():
     args = argparse_namespace(priority_exponent=2.0, rarity=0.0)
     # task 0: four different solutions (sampled 3, 1, 1, 1 times) and one wrong program;
     # task 1: one solution. rarity 0: how often each was sampled does not matter
+    programs = ["a", "b", "c", "d", "wrong", "a"]
     shared = ex.shared_priorities(
-        [0, 0, 0, 0, 0, 1], [1.0, 1.0, 1.0, 1.0, 0.0, 1.0], [3, 1, 1, 1, 2, 1], args
+        [0, 0, 0, 0, 0, 1], programs, [1.0, 1.0, 1.0, 1.0, 0.0, 1.0], [3, 1, 1, 1, 2, 1], args
     )
     assert sum(shared[:4]) == pytest.approx(shared[5])  # each task's solutions weigh the same
     assert shared[0] == pytest.approx(shared[1])  # within a task, in equal parts
@@ -488,10 +489,10 @@ def test_shared_priorities_split_a_task_among_equal_programs():
 def test_rarity_favours_what_the_search_found_seldom():
     args = argparse_namespace(priority_exponent=2.0, rarity=1.0)
     # task 0's one solution was sampled 10 times, task 1's once
-    shared = ex.shared_priorities([0, 1], [1.0, 1.0], [10, 1], args)
+    shared = ex.shared_priorities([0, 1], ["a", "b"], [1.0, 1.0], [10, 1], args)
     assert shared[1] == pytest.approx(10 * shared[0])
     args.rarity = 0.0  # off: both tasks weigh the same
-    shared = ex.shared_priorities([0, 1], [1.0, 1.0], [10, 1], args)
+    shared = ex.shared_priorities([0, 1], ["a", "b"], [1.0, 1.0], [10, 1], args)
     assert shared[0] == pytest.approx(shared[1])
 
 
@@ -499,8 +500,23 @@ def test_rarity_keeps_a_tasks_right_programs_above_its_wrong_ones():
     args = argparse_namespace(priority_exponent=2.0, rarity=1.0)
     # one task: a solution sampled 50 times, a program right on 2 of 3 pairs sampled once.
     # Dividing each reward by its own count would rank the wrong program 22 times higher.
-    right, wrong = ex.shared_priorities([0, 0], [1.0, 2 / 3], [50, 1], args)
+    right, wrong = ex.shared_priorities([0, 0], ["a", "b"], [1.0, 2 / 3], [50, 1], args)
     assert right > wrong
+
+
+def test_consensus_gives_each_task_the_solution_written_most_over_the_batch():
+    args = argparse_namespace(priority_exponent=2.0, rarity=0.0)
+    # task 0 solved by "a" (sampled 3 times) and "b" (once); task 1 by "b" (5 times) and "c";
+    # over the batch "b" was written 6 times, "a" 3: both tasks teach "b" alone
+    tasks, programs = [0, 0, 0, 1, 1], ["a", "b", "wrong", "b", "c"]
+    rewards, copies = [1.0, 1.0, 0.0, 1.0, 1.0], [3, 1, 2, 5, 1]
+    equal = ex.shared_priorities(tasks, programs, rewards, copies, args)
+    assert equal[0] == pytest.approx(equal[1]) and equal[3] == pytest.approx(equal[4])
+    sharp = ex.shared_priorities(tasks, programs, rewards, copies, args, consensus=True)
+    assert sharp[0] == 0 and sharp[4] == 0
+    assert sharp[1] == pytest.approx(equal[0] + equal[1])  # the task's whole part, on "b"
+    assert sharp[3] == pytest.approx(sharp[1])
+    assert sharp[2] == pytest.approx(equal[2])  # programs that are not solutions: unchanged
 
 
 def test_replay_buffer_is_bounded_fifo():
@@ -631,6 +647,32 @@ def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys, mon
         assert "policy" in text and "value" in text and "outcomes" in text
         assert "step  line  instruction" in text
         assert ("visits" in text and "weight" in text) == (search == "mcts")
+
+
+def test_sharpen_starts_once_a_whole_batch_is_solved_and_survives_resume(
+    tmp_path, monkeypatch, capsys
+):
+    def solve_all(model, tasks, args, generator):  # a searcher that always writes ADD 0 HLT
+        program = ["ADD", "0", "HLT"]  # right on every add2 task
+        return [program] * len(tasks), [(i, program) for i in range(len(tasks))]
+
+    flags, real = [], ex.shared_priorities
+    monkeypatch.setitem(ex.SEARCHERS, "sf", solve_all)
+    monkeypatch.setattr(
+        ex, "shared_priorities", lambda *a, **k: flags.append(k["consensus"]) or real(*a, **k)
+    )
+    out = str(tmp_path / "sharp")
+    ex.main(["--task", "add2", "--max_iters", "2", "--out_dir", out] + TINY)
+    assert [r["sharpened_at"] for r in read_log(f"{out}/log.jsonl")] == [0, 0]
+    assert flags == [False, True]  # iteration 0 solved the batch; iteration 1 is sharpened
+    assert "each task teaches one solution" in capsys.readouterr().out
+    ex.main(["--task", "add2", "--max_iters", "3", "--out_dir", out, "--resume"] + TINY)
+    assert flags == [False, True, True]  # the resumed run stays sharpened
+    flags.clear()
+    ex.main(
+        ["--task", "add2", "--max_iters", "2", "--out_dir", out + "2", "--sharpen", "never"] + TINY
+    )
+    assert flags == [False, False]
 
 
 def test_run_without_outcome_sampler(tmp_path):
