@@ -17,13 +17,12 @@ Run it:
     python exit.py --task add4 --search mcts    # the same with Gumbel MCTS as the searcher
     python exit.py --eval_only --ckpt runs/add4/ckpt.pt --task add6   # try a saved agent elsewhere
 
-How long: on a 2-core laptop CPU the first add4 iteration takes about 50 s, later ones 7-32 s
-(search a median 2-3 s, training 5-10 s). After 10 minutes the agent solves 79%, 86% and 55% of
-held-out add4 (seeds 0, 1, 2), not 100%: it can write the programs (the best of 16 samples
-solved every held-out task on a longer run, older code), but one sample at temperature 0.8
-often picks a wrong operand. Each iteration searches 16 tasks and trains the outcome predictor
-on 8 trajectories a step (table 3 fixes neither). Making the demo reach 100% in minutes is open
-work (README, "Measured").
+How long: on a 2-core laptop CPU the first add4 iteration takes about 50 s, later ones 8-33 s
+(search a median 2-3 s, training 5-10 s). After 10 minutes the agent solves 81%, 90% and 47% of
+held-out add4 (seeds 0, 1, 2), after 15 minutes 96%, 98% and 69%; on an H100 it reaches 100% on
+all three in 68-108 s (6.8e13-1.2e14 FLOPs, about twice what the CPU delivers in 10 minutes).
+Each iteration searches 16 tasks and trains the outcome predictor on 8 trajectories a step
+(table 3 fixes neither). Reaching 100% within 10 CPU minutes is open work (README, "Measured").
 
 Where we depart from the paper, and why:
 - Eq. 1 sums the log-probabilities of a code unit's bytes. We restrict each byte's distribution
@@ -55,10 +54,14 @@ Where we depart from the paper, and why:
   once, and the search never got past add-2 in 10 minutes. (Dividing each reward by its own count
   instead let a task's rare wrong programs outweigh its common right ones: held-out add4 stalled
   at 20-40% while the search solved every training task. All measured; README, "Measured".)
-  A task's full solutions split its part equally. Sharper splits (all to the solution written
-  most for the task, or over the batch; an option until commit 24f593d) took seed 0 to 92-93%
-  held-out in 10 minutes but left seeds 1 and 2 on add-2: the padded add-2 solutions they drop
-  (ADD 0 ADD 1 HLT, right because unused cells hold 0) are the rung to add-3.
+  A task's full solutions split its part equally until the search first solves every task of a
+  batch, and from the next iteration all of it goes to the solution written most over the batch
+  (--sharpen solved). Each half alone falls short: the equal split left one sample at
+  temperature 0.8 mixing several right programs into a wrong one (never 100% held-out in seven
+  H100 runs to 1.5e14 FLOPs); the sharp split from the start took seed 0 to 93% in 10 CPU
+  minutes but left seeds 1 and 2 on add-2, because the padded add-2 solutions it drops (ADD 0
+  ADD 1 HLT, right because unused cells hold 0) are the rung to add-3. In turn, 8 of 9 H100
+  runs that switched reached 100% by 1.2e14 FLOPs (README, "Measured").
 - Each trajectory in a batch weighs the same in the loss (a mean over its own targets, then over
   trajectories), so the priority alone decides how much a program is trained on. With a plain
   mean over tokens, a rarely drawn 20-unit junk program outweighed the short programs that earn
