@@ -935,18 +935,20 @@ def shared_priorities(task_ids, programs, rewards, copies, args, consensus=False
     others get 0. The agent then learns one program wherever it is right, not a blend of them.
     """
     share, found, best = collections.Counter(), collections.Counter(), {}
-    written = collections.Counter()  # copies of each full solution, over all tasks of the batch
-    for i, program, r, c in zip(task_ids, programs, rewards, copies):
+    for i, r, c in zip(task_ids, rewards, copies):
         share[i, r] += 1  # distinct programs of task i with reward r
         found[i, r] += c  # rollouts of task i with reward r, copies included
         best[i] = max(best.get(i, r), r)
-        if r == 1.0:
-            written[tuple(program)] += c
-    chosen = {}  # task -> (how often written, index) of the one solution consensus keeps
-    for k, (i, program, r, c) in enumerate(zip(task_ids, programs, rewards, copies)):
-        key = (written[tuple(program)], c)
-        if consensus and r == 1.0 and (i not in chosen or key > chosen[i][0]):
-            chosen[i] = key, k
+    chosen = {}  # consensus: task -> (how often written, index) of the one solution it keeps
+    if consensus:
+        written = collections.Counter()  # copies of each full solution, over the whole batch
+        for program, r, c in zip(programs, rewards, copies):
+            if r == 1.0:
+                written[tuple(program)] += c
+        for k, (i, program, r, c) in enumerate(zip(task_ids, programs, rewards, copies)):
+            key = (written[tuple(program)], c)
+            if r == 1.0 and (i not in chosen or key > chosen[i][0]):
+                chosen[i] = key, k
 
     def part(k, i, r):  # program k's part of its task's priority for reward r
         if consensus and r == 1.0:
