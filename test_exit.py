@@ -362,7 +362,7 @@ def test_cache_select_keeps_rows_in_order_with_repeats():
     ex.extend(model, cache, [("",), ("",)], store=True)
     before = [t.clone() for t in cache.k + cache.v] + [cache.visible, cache.next_pos]
     for rows in ([1, 0, 0, 1, 1], [4, 1]):  # grow, then shrink into the reused tensors
-        cache.select(torch.tensor(rows))
+        cache.select(rows)
         before = [t[rows] for t in before]
         n = cache.length
         after = [t[:, :, :n] for t in cache.k + cache.v] + [cache.visible, cache.next_pos]
