@@ -406,6 +406,21 @@ def test_rollouts_in_one_state_are_read_once():
     assert model.tokens - tokens == tokens  # 50 greedy rollouts cost what one does
 
 
+def test_rollout_rows_stay_with_their_states_when_others_finish():
+    # greedy programs of many tasks at once, where programs end at different steps and the
+    # rollout moves states from the end into the rows they free, against each task alone
+    model = tiny_model()
+    with torch.no_grad():  # larger weights than the init's: each prompt leads somewhere else
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 3.0 / p.shape[1] ** 0.5)
+    tasks = lmc.make_tasks("add4", 24, "rows")
+    together = ex.rollout(model, tasks, 1, 0.0, 0.0, torch.Generator())
+    alone = [ex.rollout(model, [t], 1, 0.0, 0.0, torch.Generator())[0] for t in tasks]
+    assert together == alone
+    assert len({len(p) for p in alone}) > 2  # finished at several different steps
+
+
 def test_rollout_draws_each_unit_from_its_states_policy(monkeypatch):
     monkeypatch.setattr(ex, "done", lambda program: len(program) == 1)  # stop after one unit
     model, n, temperature = tiny_model(), 4000, 2.0
