@@ -543,6 +543,24 @@ def test_replay_buffer_is_bounded_fifo():
     assert buffer.share(lambda x: x == 5) == pytest.approx(0.6)
 
 
+def test_training_pieces_give_the_loss_and_gradient_of_one_block(monkeypatch):
+    # a batch cut into length-sorted pieces trains exactly as the same batch in one block
+    tasks = lmc.make_tasks("add4", 5, "pieces")
+    trajectories = [(t, P("ADD 0 " * (k + 1) + "HLT"), "9") for k, t in enumerate(tasks)]
+    results = []
+    for piece in (100, 2, 1):
+        monkeypatch.setattr(ex, "PIECE", piece)
+        batch = ex.make_batch(trajectories, "policy", "cpu")
+        assert len(batch) == {100: 1, 2: 2, 1: 5}[piece]
+        model = tiny_model().train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = ex.train_step(model, optimizer, batch, batch)
+        results.append((loss, [p.grad.clone() for p in model.parameters()]))
+    for loss, grads in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-5)
+        assert all(torch.allclose(g, g0, atol=1e-6) for g, g0 in zip(grads, results[0][1]))
+
+
 def test_training_overfits_a_fixed_batch():
     model = tiny_model().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
