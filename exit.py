@@ -923,19 +923,32 @@ PRIORITY_FLOOR = 1e-6  # a wrong or broken program is drawn only while nothing b
 
 
 def priority(reward, exponent):
-    """Policy-buffer priority: (fraction of hidden test pairs passed) ** exponent, plus a floor.
-    Errors (negative rewards) pass none. The exponent (Schaul et al.'s alpha) makes a full
-    solution outweigh lucky partial ones: with the default 8, a program right on 1 of 3 pairs
-    counts 1.5e-4, about what any program that runs gets, and one right on 2 of 3 counts 0.04.
+    """Policy-buffer priority: (fraction of the task's pairs passed) ** exponent, plus a floor;
+    the loop passes the credit of a program (train and test pairs). Errors (negative rewards)
+    pass none. The exponent (Schaul et al.'s alpha) makes a full solution outweigh lucky partial
+    ones: with the default 8, a program right on 2 of an add task's 6 pairs counts 1.5e-4, about
+    what any program that runs gets, one right on 4 counts 0.04 and one right on 5 counts 0.23.
     The floor rises tenfold per reward step: a program that runs (reward 0) is drawn 10 times as
     often as one that errs (-1), 100 times as often as one cut off at the maximal length (-2), so
     that before anything passes a test pair the agent learns to write programs that halt."""
     return max(reward, 0.0) ** exponent + PRIORITY_FLOOR * 10 ** (min(reward, 0.0) + 2)
 
 
+def credit(task, program):
+    """What a program's priority counts (shared_priorities): its reward on all the task's pairs,
+    the train pairs of the prompt and the hidden test pairs, not on the test pairs alone. Three
+    test pairs of small numbers drawn with replacement are sometimes degenerate ([5, 1], [3, 1],
+    [5, 1]), and a program that ignores the inputs passes them by luck (ADDL 1 HLT, wrong on the
+    train pairs): early in a run such lucky finds were the rarest solutions, so the heaviest,
+    and in two seeds of six the policy settled on them and never solved add-2."""
+    inputs, outputs = task.train_inputs + task.test_inputs, task.train_outputs + task.test_outputs
+    return lmc.score(program, inputs, outputs)[1]
+
+
 def shared_priorities(task_ids, programs, rewards, copies, args, consensus=False):
     """Priorities for one iteration's distinct programs: programs[k] is task_ids[k]'s, earned
-    rewards[k] and was sampled copies[k] times.
+    rewards[k] (the loop passes its credit, on all the task's pairs) and was sampled copies[k]
+    times.
 
     A task's distinct programs with the same reward share one priority, in equal parts. An easy
     task solved by twenty variants must not outweigh a hard task solved once: without the sharing
@@ -1524,7 +1537,7 @@ def run(args):
         shared = shared_priorities(
             [i for i, *_ in scored],
             [p for _, p, *_ in scored],
-            [r for *_, r in scored],
+            [credit(tasks[i], p) for i, p, *_ in scored],
             [copies[i, p] for i, p, *_ in scored],
             args,
             consensus=sharpened_at is not None,

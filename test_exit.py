@@ -477,7 +477,7 @@ def test_priority_higher_reward_drawn_more_often():
 
 def test_default_priority_gives_lucky_partial_credit_little_weight():
     e = ex.parser.get_default("priority_exponent")
-    # right on 1 of 3 pairs (a constant output can be, by chance) weighs about what running does
+    # right on 2 of 6 pairs (a constant output can be, by chance) weighs about what running does
     assert ex.priority(0.0, e) < ex.priority(1 / 3, e) < 3 * ex.priority(0.0, e)
     assert ex.priority(1.0, e) > 20 * ex.priority(2 / 3, e)
 
@@ -486,6 +486,16 @@ def test_priority_floor_prefers_programs_that_run():
     runs, errs, truncated = ex.priority(0.0, 2), ex.priority(-1.0, 2), ex.priority(-2.0, 2)
     assert runs == pytest.approx(10 * errs) and errs == pytest.approx(10 * truncated)
     assert ex.priority(1 / 3, 2) > 100 * runs  # any pair passed outweighs the floor
+
+
+def test_credit_counts_the_train_pairs_too():
+    # hidden test pairs that happen to have 1 as second input: adding 1 passes them by luck
+    task = lmc.Task([[8, 6], [7, 2], [8, 6]], [14, 9, 14], [[5, 1], [3, 1], [5, 1]], [6, 4, 6])
+    lucky, right = ("ADDL", "1", "HLT"), ("ADD", "0", "HLT")
+    assert lmc.score(lucky, task.test_inputs, task.test_outputs) == ("9", 1.0)
+    assert ex.credit(task, lucky) == pytest.approx(0.5)  # wrong on all 3 train pairs
+    assert ex.credit(task, right) == 1.0
+    assert ex.credit(task, ("ADDL",)) == -2.0  # no HLT: errors keep their reward
 
 
 def test_shared_priorities_split_a_task_among_equal_programs():
