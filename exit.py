@@ -38,18 +38,20 @@ Where we depart from the paper, and why:
   untrained model, which sees little but the current byte, learned from the outcome targets
   T and S to write STA at every step (we measured it). "?" appears nowhere else.
 - An outcome digit d is valued at d/9 (exact for 3 or 9 examples, close for 4).
-- Policy-buffer priority is the fraction of hidden test pairs passed (the authors' follow-up work)
-  to the power 8 (--priority_exponent), plus a small floor that prefers programs that run over
-  programs that err; the outcome buffer is uniform. With the power 2 we used before, luck decided
-  the start: before any task is solved, a constant program right on 1 of 3 pairs by chance (LDL 8
-  HLT) took the buffer, the policy settled on it and stopped sampling ADD 0 HLT, and seed 0 never
-  solved a training task in 10 minutes. With 8, seeds 0-2 all started at commit 17934e8; with
-  today's order of random draws seeds 0, 2, 3 and 4 start, and 1 and 5 do not (README). The power
-  32, where partial credit counts for nothing, started seeds 0-5 sooner (and today's seed 1, but not
-  seed 5) but left seed 1 on add-2 for 10 minutes: partial credit is also the first rung from add-2
-  to add-3. Each distinct program enters the policy buffer once per task and iteration, a task's
-  programs with the same reward share one priority, and all of a task's priorities are divided by
-  how many of its rollouts earned its best reward (--rarity 1). Without the first two, the agent
+- Policy-buffer priority is the fraction of the task's pairs passed, the train pairs of the prompt
+  and the hidden test pairs alike (the authors' follow-up work counts examples passed; the reward
+  stored with a trajectory stays the test pairs' one, as in the paper), to the power 8
+  (--priority_exponent), plus a small floor that prefers programs that run over programs that
+  err; the outcome buffer is uniform. Counting the train pairs keeps out luck: three hidden pairs
+  drawn with replacement are sometimes degenerate, a program that ignores its inputs (ADDL 1 HLT)
+  passed them, and such rare "solutions" took the buffer at the start, so that seeds 1 and 5
+  never solved add-2; with all six pairs both start (README). With the power 2 we used before,
+  a constant program right on 1 of 3 pairs by chance (LDL 8 HLT) took the buffer in the same
+  way. The power 32, where partial credit counts for nothing, left seed 1 on add-2 for 10
+  minutes: partial credit is also the first rung from add-2 to add-3. Each distinct program
+  enters the policy buffer once per task and iteration, a task's programs with the same reward
+  share one priority, and all of a task's priorities are divided by how many of its rollouts
+  earned its best reward (--rarity 1) while the agent climbs. Without the first two, the agent
   collapsed onto "HLT" (the shortest program with partial credit); without the sharing, the twenty
   ways to solve an add-2 task drowned the one way to solve an add-3 task; without the division, an
   add-2 solution the policy writes in half its samples weighed as much as an add-3 solution it found
@@ -63,7 +65,10 @@ Where we depart from the paper, and why:
   the sharp split from the start took seed 0 to 93% in 10 CPU minutes but left seeds 1 and 2 on
   add-2, because the padded add-2 solutions it drops (ADD 0 ADD 1 HLT, right because unused cells
   hold 0) are the rung to add-3. In turn, 8 of 9 H100 runs that switched reached 100% by 1.2e14
-  FLOPs (README, "Measured").
+  FLOPs (README, "Measured"). At the switch the rarity divisor goes too: a solution the policy
+  now writes in most of its samples weighed a hundredth of one found once in the climb, so the
+  buffer's oldest items kept the weight. Dropping it took seed 0 from the switch to 100% in 9
+  iterations (5.8e13 FLOPs), where the same run with the divisor stood at 61-80% (README).
 - Each trajectory in a batch weighs the same in the loss (a mean over its own targets, then over
   trajectories), so the priority alone decides how much a program is trained on. With a plain
   mean over tokens, a rarely drawn 20-unit junk program outweighed the short programs that earn
@@ -965,6 +970,11 @@ def shared_priorities(task_ids, programs, rewards, copies, args, consensus=False
     batch: --sharpen) a task's full solutions no longer split its part: all of it goes to the one
     written most over the whole batch (then most for the task; the first where tied), and the
     others get 0. The agent then learns one program wherever it is right, not a blend of them.
+    The rarity divisor goes too: the search now solves nearly every task, and what is left to
+    learn is to write each task's one solution every time. With the divisor, a solution the
+    policy wrote in 100 of 128 rollouts weighed a hundredth of one found once in the climb, so
+    the buffer's oldest items kept the weight (seed 0 at 15 minutes: 58% of the priority on the
+    oldest fifth of the buffer).
     """
     share, found, best = collections.Counter(), collections.Counter(), {}
     for i, r, c in zip(task_ids, rewards, copies):
@@ -987,8 +997,11 @@ def shared_priorities(task_ids, programs, rewards, copies, args, consensus=False
             return float(chosen[i][1] == k)
         return 1 / share[i, r]
 
+    def rarity(i):  # the divisor of all task i's priorities
+        return 1 if consensus else found[i, best[i]] ** args.rarity
+
     return [
-        priority(r, args.priority_exponent) * part(k, i, r) / found[i, best[i]] ** args.rarity
+        priority(r, args.priority_exponent) * part(k, i, r) / rarity(i)
         for k, (i, r) in enumerate(zip(task_ids, rewards))
     ]
 

@@ -544,6 +544,16 @@ def test_consensus_gives_each_task_the_solution_written_most_over_the_batch():
     assert sharp[2] == pytest.approx(equal[2])  # programs that are not solutions: unchanged
 
 
+def test_consensus_drops_the_rarity_divisor():
+    args = argparse_namespace(priority_exponent=2.0, rarity=1.0)
+    # task 0's solution was sampled 10 times, task 1's once: while climbing, the rare one weighs
+    # 10 times more; once each task teaches one solution, both weigh a whole task's part
+    climbing = ex.shared_priorities([0, 1], ["a", "b"], [1.0, 1.0], [10, 1], args)
+    assert climbing[1] == pytest.approx(10 * climbing[0])
+    sharp = ex.shared_priorities([0, 1], ["a", "b"], [1.0, 1.0], [10, 1], args, consensus=True)
+    assert sharp == pytest.approx([ex.priority(1.0, 2)] * 2)
+
+
 def test_replay_buffer_is_bounded_fifo():
     buffer = ex.ReplayBuffer(3)
     for i in range(5):
