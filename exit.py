@@ -17,11 +17,11 @@ Run it:
     python exit.py --task add4 --search mcts    # the same with Gumbel MCTS as the searcher
     python exit.py --eval_only --ckpt runs/add4/ckpt.pt --task add6   # try a saved agent elsewhere
 
-How long: on a 2-core laptop CPU the first add4 iteration takes about 50 s, later ones 8-21 s
-(search a median 2-4 s, training 6-11 s). After 10 minutes the agent solves 72%, 0% and 88% of
-held-out add4 (seeds 0, 1, 2); seed 2 reaches 100% at 886 s, and seed 1 never starts (README,
+How long: on a 2-core laptop CPU the first add4 iteration takes about 60 s, later ones 8-23 s
+(search a median 3-4 s, training 8-10 s). After 10 minutes the agent solves 31%, 24% and 88% of
+held-out add4 (seeds 0, 1, 2; seeds 0 and 1 are still on the add-2 plateau; README,
 "Measured"). On an H100 (commit 17934e8) it reached 100% on seeds 0-2 in 68-108 s
-(6.8e13-1.2e14 FLOPs, more than the 5.3e13 the CPU delivers in 10 minutes). Each iteration
+(6.8e13-1.2e14 FLOPs, more than the 4-5e13 the CPU delivers in 10 minutes). Each iteration
 searches 16 tasks and trains the outcome predictor on 8 trajectories a step (table 3 fixes
 neither). Reaching 100% within 10 CPU minutes on every seed is open work.
 
@@ -137,7 +137,7 @@ arg(
     "--sharpen",
     default="solved",
     choices=["solved", "never", "always"],
-    help="when each task starts teaching one solution only (solved: once a batch is all solved)",
+    help="when each task starts teaching one solution, undivided (solved: once a batch is solved)",
 )
 # system
 arg("--seed", type=int, default=0, help="one seed for the whole run")
