@@ -1536,7 +1536,8 @@ def run(args):
         simulations = sum(map(len, best)) * args.num_simulations if args.search == "mcts" else 0
         search_tokens = model.tokens - tokens0
         flops_search += model.flops - flops0
-        # rewards come from the hidden test pairs (SPEC section 4)
+        # rewards and outcomes come from the hidden test pairs (SPEC section 4), priorities
+        # from the credit on all the task's pairs (see credit)
         # each distinct program once per task, remembering how often it was sampled (for
         # --rarity): copies would multiply the weight of whatever the policy already writes
         # most, and it collapses onto it (we measured this with HLT)
