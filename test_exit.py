@@ -554,6 +554,16 @@ def test_consensus_drops_the_rarity_divisor():
     assert sharp == pytest.approx([ex.priority(1.0, 2)] * 2)
 
 
+def test_best_priorities_weigh_each_task_the_same():
+    # task 0: two solutions and a partial one; task 1 unsolved, its two best attempts right on
+    # 1 of 6 pairs; task 2 right on none; task 3 after --sharpen (all to one solution)
+    ids = [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    credits = [1.0, 1.0, 0.5, 1 / 6, 0.0, 1 / 6, 0.0, 0.0, 1.0, 1.0]
+    policy = [0.2, 0.2, 0.01, 1e-4, 1e-4, 2e-4, 1e-4, 1e-5, 1.0, 0.0]
+    best = ex.best_priorities(ids, credits, policy)
+    assert best == pytest.approx([0.5, 0.5, 0, 1 / 3, 0, 2 / 3, 0, 0, 1, 0])
+
+
 def test_replay_buffer_is_bounded_fifo():
     buffer = ex.ReplayBuffer(3)
     for i in range(5):
@@ -700,6 +710,24 @@ def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys, mon
         assert "policy" in text and "value" in text and "outcomes" in text
         assert "step  line  instruction" in text
         assert ("visits" in text and "weight" in text) == (search == "mcts")
+
+
+def test_a_resumed_run_is_the_run_never_stopped(tmp_path):
+    # 3 iterations in one go, and 2 then 1 more after --resume: the same log and the same model
+    # (--best_share 1 trains the policy on the best buffer alone, so it too must be saved)
+    flags = ["--task", "add2", "--best_share", "1"] + TINY + ["--num_rollouts", "16"]
+    ex.main(flags + ["--max_iters", "3", "--out_dir", str(tmp_path / "a")])
+    ex.main(flags + ["--max_iters", "2", "--out_dir", str(tmp_path / "b")])
+    ex.main(flags + ["--max_iters", "3", "--out_dir", str(tmp_path / "b"), "--resume"])
+    clock = {"elapsed_s", "search_s", "train_s", "programs_per_s", "tokens_per_s"}
+    clock |= {"train_tokens_per_s", "simulations_per_s"}
+    a, b = (read_log(tmp_path / run / "log.jsonl") for run in "ab")
+    assert [{k: v for k, v in r.items() if k not in clock} for r in a] == [
+        {k: v for k, v in r.items() if k not in clock} for r in b
+    ]
+    assert a[1]["best_buffer"] > 0  # what the checkpoint after iteration 1 holds
+    models = [torch.load(tmp_path / run / "ckpt.pt", weights_only=False)["model"] for run in "ab"]
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
 
 
 def test_sharpen_starts_once_a_whole_batch_is_solved_and_survives_resume(
