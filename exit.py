@@ -17,11 +17,11 @@ Run it:
     python exit.py --task add4 --search mcts    # the same with Gumbel MCTS as the searcher
     python exit.py --eval_only --ckpt runs/add4/ckpt.pt --task add6   # try a saved agent elsewhere
 
-How long: on a 2-core laptop CPU the first add4 iteration takes about 60 s, later ones 8-23 s
-(search a median 3-4 s, training 8-10 s). After 10 minutes the agent solves 31%, 24% and 88% of
-held-out add4 (seeds 0, 1, 2; seeds 0 and 1 are still on the add-2 plateau; README,
-"Measured"). On an H100 (commit 17934e8) it reached 100% on seeds 0-2 in 68-108 s
-(6.8e13-1.2e14 FLOPs, more than the 4-5e13 the CPU delivers in 10 minutes). Each iteration
+How long: on a 2-core laptop CPU the first add4 iteration takes about 45-55 s, later ones 10-20 s
+(search a median 3-3.5 s, training about 8 s, evaluation and checkpoint about 1.7 s). After 10
+minutes the agent solves 96%, 86% and 84% of held-out add4 (seeds 0, 1, 2), and seed 0 reaches
+100% at 606 s, 4.8e13 FLOPs (README, "Measured"). On an H100 the code of commit 17934e8, before
+the best buffer, reached 100% on seeds 0-2 in 68-108 s (6.8e13-1.2e14 FLOPs). Each iteration
 searches 16 tasks and trains the outcome predictor on 8 trajectories a step (table 3 fixes
 neither). Reaching 100% within 10 CPU minutes on every seed is open work.
 
@@ -69,6 +69,13 @@ Where we depart from the paper, and why:
   now writes in most of its samples weighed a hundredth of one found once in the climb, so the
   buffer's oldest items kept the weight. Dropping it took seed 0 from the switch to 100% in 9
   iterations (5.8e13 FLOPs), where the same run with the divisor stood at 61-80% (README).
+- A quarter of each policy batch (--best_share) comes from a third buffer, the best buffer: each
+  task's programs with its highest credit (if above 0), every task weighing the same, solved or
+  not. The paper trains on the policy buffer alone. But there a solution outweighs a program
+  right on 1 of 6 pairs a million-fold, so while the agent solves only add-2 tasks, the 3- and
+  4-input prompts get almost no training, and it writes syntax errors for them: seeds 0 and 1
+  stood on add-2 for 35 iterations or more. With the best buffer they left it at iterations 12
+  and 18 (best_priorities; README).
 - Each trajectory in a batch weighs the same in the loss (a mean over its own targets, then over
   trajectories), so the priority alone decides how much a program is trained on. With a plain
   mean over tokens, a rarely drawn 20-unit junk program outweighed the short programs that earn
@@ -1022,8 +1029,8 @@ def best_priorities(task_ids, credits, priorities):
     solutions, the policy wrote a syntax error for 3 of 4 samples on 3-input tasks (`ADD 0 0 0
     HLT`) and the search solved one in 1,024 of them. A task's best attempts there (`ADD 0
     HLT`, right where the third input is 0) are one unit short of a solution. With a quarter of
-    each batch from this buffer, seed 0 left add-2 at iteration 12 rather than 41, and seed 1 at
-    iteration 17 rather than never in 39 (README, "What we tried").
+    each batch from this buffer, seed 0 left add-2 (3-input held-out at 25%) at iteration 12
+    rather than 42, and seed 1 at iteration 18 rather than never in 39 (README, "Measured").
     """
     top, total = {}, collections.Counter()
     for i, c in zip(task_ids, credits):
