@@ -744,7 +744,10 @@ def test_sharpen_starts_once_a_whole_batch_is_solved_and_survives_resume(
     )
     out = str(tmp_path / "sharp")
     ex.main(["--task", "add2", "--max_iters", "2", "--out_dir", out] + TINY)
-    assert [r["sharpened_at"] for r in read_log(f"{out}/log.jsonl")] == [0, 0]
+    rows = read_log(f"{out}/log.jsonl")
+    assert [r["sharpened_at"] for r in rows] == [0, 0]
+    # the switch empties the best buffer; then it takes each task's one solution (2 tasks)
+    assert [r["best_buffer"] for r in rows] == [0, 2]
     assert flags == [False, True]  # iteration 0 solved the batch; iteration 1 is sharpened
     assert "each task teaches one solution" in capsys.readouterr().out
     ex.main(["--task", "add2", "--max_iters", "3", "--out_dir", out, "--resume"] + TINY)
@@ -754,6 +757,7 @@ def test_sharpen_starts_once_a_whole_batch_is_solved_and_survives_resume(
         ["--task", "add2", "--max_iters", "2", "--out_dir", out + "2", "--sharpen", "never"] + TINY
     )
     assert flags == [False, False]
+    assert [r["best_buffer"] for r in read_log(f"{out}2/log.jsonl")] == [2, 4]
 
 
 def test_run_without_outcome_sampler(tmp_path):
