@@ -18,9 +18,9 @@ Run it:
     python exit.py --eval_only --ckpt runs/add4/ckpt.pt --task add6   # try a saved agent elsewhere
 
 How long: on a 2-core laptop CPU the first add4 iteration takes about 45-55 s, later ones 10-20 s
-(search a median 3-3.5 s, training about 8 s, evaluation and checkpoint about 1.7 s). After 10
-minutes the agent solves 96%, 86% and 84% of held-out add4 (seeds 0, 1, 2), and seed 0 reaches
-100% at 606 s, 4.8e13 FLOPs (README, "Measured"). On an H100 the code of commit 17934e8, before
+(search a median 3-4 s, training 7.5-10 s, evaluation and checkpoint about 1.7 s). Seed 0
+reaches 100% of held-out add4 at 526 s (4.3e13 FLOPs); after 10 minutes seeds 1 and 2 stand at
+97% and 87% (README, "Measured"). On an H100 the code of commit 17934e8, before
 the best buffer, reached 100% on seeds 0-2 in 68-108 s (6.8e13-1.2e14 FLOPs). Each iteration
 searches 16 tasks and trains the outcome predictor on 8 trajectories a step (table 3 fixes
 neither). Reaching 100% within 10 CPU minutes on every seed is open work.
