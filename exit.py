@@ -75,7 +75,8 @@ Where we depart from the paper, and why:
   right on 1 of 6 pairs a million-fold, so while the agent solves only add-2 tasks, the 3- and
   4-input prompts get almost no training, and it writes syntax errors for them: seeds 0 and 1
   stood on add-2 for 35 iterations or more. With the best buffer they left it at iterations 12
-  and 18 (best_priorities; README).
+  and 18 (best_priorities; README). The --sharpen switch empties it, so that from then on it
+  holds each task's one solution and none of the climb's rival programs.
 - Each trajectory in a batch weighs the same in the loss (a mean over its own targets, then over
   trajectories), so the priority alone decides how much a program is trained on. With a plain
   mean over tokens, a rarely drawn 20-unit junk program outweighed the short programs that earn
@@ -902,7 +903,8 @@ class ReplayBuffer:
 
     When full, the oldest trajectory makes room (first in, first out). The policy buffer gives
     each trajectory the fraction of hidden test pairs its program passed (+ PRIORITY_FLOOR) as
-    priority, so good programs are trained on more often; the outcome buffer uses priority 1.
+    priority, so good programs are trained on more often; the best buffer gives each task's best
+    attempts a task's worth (best_priorities); the outcome buffer uses priority 1.
     """
 
     def __init__(self, capacity):
