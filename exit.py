@@ -901,10 +901,10 @@ SEARCHERS = {"sf": sample_and_filter, "mcts": gumbel_mcts}
 class ReplayBuffer:
     """A bounded buffer of trajectories, sampled with probability proportional to priority.
 
-    When full, the oldest trajectory makes room (first in, first out). The policy buffer gives
-    each trajectory the fraction of hidden test pairs its program passed (+ PRIORITY_FLOOR) as
-    priority, so good programs are trained on more often; the best buffer gives each task's best
-    attempts a task's worth (best_priorities); the outcome buffer uses priority 1.
+    When full, the oldest trajectory makes room (first in, first out). The policy buffer's
+    priorities grow with the fraction of the task's pairs a program passes (priority, credit,
+    shared_priorities), so good programs are trained on more often; the best buffer gives each
+    task's best attempts a task's worth (best_priorities); the outcome buffer uses priority 1.
     """
 
     def __init__(self, capacity):
