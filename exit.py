@@ -1511,11 +1511,9 @@ def run(args):
     state = None
     if args.resume:
         state = load_checkpoint(ckpt_path, device)
-        # the saved run's settings, except where to run and when to stop
-        keep = {
-            k: getattr(args, k)
-            for k in ("device", "out_dir", "max_iters", "max_flops", "target", "show_every")
-        }
+        # the saved run's settings, except where to run, when to stop and what to show or keep
+        keep = ("device", "out_dir", "max_iters", "max_flops", "target", "show_every")
+        keep = {k: getattr(args, k) for k in keep + ("snapshot_every",)}
         args = argparse.Namespace(**{**vars(args), **state["args"], **keep})
     args = check_args(args)
     draw, heldout = task_source(args)

@@ -1031,6 +1031,13 @@ def test_snapshots_and_ladder(tmp_path, capsys):
     assert "--budgets must be" in error_line(
         capsys, ["--ladder", out, "--budgets", "1,x", "--device", "cpu"]
     )
+    # a resumed run keeps snapshots as the resuming command asks, not as the saved run did
+    ex.main(
+        ["--task", "add2", "--max_iters", "5", "--snapshot_every", "1", "--out_dir", out]
+        + TINY
+        + ["--resume"]
+    )
+    assert sorted(os.listdir(f"{out}/snapshots"))[2:] == ["iter_0003.pt", "iter_0004.pt"]
 
 
 FAKE_LOG = [
