@@ -1512,8 +1512,8 @@ def run(args):
     if args.resume:
         state = load_checkpoint(ckpt_path, device)
         # the saved run's settings, except where to run, when to stop and what to show or keep
-        keep = ("device", "out_dir", "max_iters", "max_flops", "target", "show_every")
-        keep = {k: getattr(args, k) for k in keep + ("snapshot_every",)}
+        own = ("device", "out_dir", "max_iters", "max_flops", "target")
+        keep = {k: getattr(args, k) for k in own + ("show_every", "snapshot_every")}
         args = argparse.Namespace(**{**vars(args), **state["args"], **keep})
     args = check_args(args)
     draw, heldout = task_source(args)
