@@ -1512,8 +1512,9 @@ def run(args):
     if args.resume:
         state = load_checkpoint(ckpt_path, device)
         # the saved run's settings, except where to run, when to stop and what to show or keep
-        own = ("device", "out_dir", "max_iters", "max_flops", "target")
-        keep = {k: getattr(args, k) for k in own + ("show_every", "snapshot_every")}
+        where_when = ("device", "out_dir", "max_iters", "max_flops", "target")
+        shown_kept = ("show_every", "snapshot_every")
+        keep = {k: getattr(args, k) for k in where_when + shown_kept}
         args = argparse.Namespace(**{**vars(args), **state["args"], **keep})
     args = check_args(args)
     draw, heldout = task_source(args)
