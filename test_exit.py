@@ -544,6 +544,18 @@ def test_consensus_gives_each_task_the_solution_written_most_over_the_batch():
     assert sharp[2] == pytest.approx(equal[2])  # programs that are not solutions: unchanged
 
 
+def test_consensus_takes_the_shortest_solution_first():
+    args = argparse_namespace(priority_exponent=2.0, rarity=0.0)
+    # a 2-input task solved by ADD 0 HLT (once) and by the padded ADD 0 ADD 1 HLT (9 times,
+    # and 20 more on a 3-input task): the 2-input task teaches the short one all the same
+    short, padded = ("ADD", "0", "HLT"), ("ADD", "0", "ADD", "1", "HLT")
+    sharp = ex.shared_priorities(
+        [0, 0, 1], [short, padded, padded], [1.0, 1.0, 1.0], [1, 9, 20], args, consensus=True
+    )
+    assert sharp[0] == pytest.approx(ex.priority(1.0, 2)) and sharp[1] == 0
+    assert sharp[2] == pytest.approx(ex.priority(1.0, 2))
+
+
 def test_consensus_drops_the_rarity_divisor():
     args = argparse_namespace(priority_exponent=2.0, rarity=1.0)
     # task 0's solution was sampled 10 times, task 1's once: while climbing, the rare one weighs
@@ -748,6 +760,12 @@ def test_sharpen_starts_once_a_whole_batch_is_solved_and_survives_resume(
     assert [r["sharpened_at"] for r in rows] == [0, 0]
     # the switch empties the best buffer; then it takes each task's one solution (2 tasks)
     assert [r["best_buffer"] for r in rows] == [0, 2]
+    # and it cuts the policy buffer's priorities so far: iteration 0's two solutions now weigh
+    # a thousandth of iteration 1's (one task's whole part each, undivided)
+    saved = torch.load(f"{out}/ckpt.pt", weights_only=False)["policy_buffer"]
+    weights = ex.restore_buffer(saved).priorities
+    assert weights[2:] == pytest.approx([ex.priority(1.0, 8.0)] * 2)
+    assert max(weights[:2]) <= ex.CLIMB_FADE * ex.priority(1.0, 8.0)
     assert flags == [False, True]  # iteration 0 solved the batch; iteration 1 is sharpened
     assert "each task teaches one solution" in capsys.readouterr().out
     ex.main(["--task", "add2", "--max_iters", "3", "--out_dir", out, "--resume"] + TINY)
