@@ -62,25 +62,24 @@ Where we depart from the paper, and why:
   from the next iteration all of it goes to one: the shortest, then the one written most over the
   batch (--sharpen solved). Each half alone falls short: the equal split left one sample at
   temperature 0.8 mixing several right programs into a wrong one (never 100% held-out in seven
-  H100 runs to 1.5e14 FLOPs);
-  the sharp split from the start took seed 0 to 93% in 10 CPU minutes but left seeds 1 and 2 on
-  add-2, because the padded add-2 solutions it drops (ADD 0 ADD 1 HLT, right because unused cells
-  hold 0) are the rung to add-3. In turn, 8 of 9 H100 runs that switched reached 100% by 1.2e14
-  FLOPs (README, "Measured"). At the switch the rarity divisor goes too: a solution the policy
-  now writes in most of its samples weighed a hundredth of one found once in the climb, so the
-  buffer's oldest items kept the weight. Dropping it took seed 0 from the switch to 100% in 9
-  iterations (5.8e13 FLOPs), where the same run with the divisor stood at 61-80% (README). And
-  at the switch the policy buffer's priorities are cut a thousandfold (CLIMB_FADE), so that it
-  teaches each task's one solution and little else: the climb's rival solutions (ADD 1 ADD 0
-  HLT, padded ones) and, before the shortest came first, the padded solutions a short task
-  took from the batch (ADD 0 ADD 1 HLT, written on 2- and 3-input tasks alike) held 6-15% of
-  the priority at the end of the demo runs, the policy loss stayed at 0.02-0.05, and one sample
-  in 12 on 4-input tasks was wrong, nearly always by a repeated operand (ADD 0 ADD 1 ADD 1 HLT,
-  ADD 0 ADD 1 ADD 2 ADD 1 HLT). Trained from the same checkpoint with those priorities set to 0,
-  the loss fell to 0.002-0.004 and 99% of samples were right within 32 steps. Resumed at seed
-  1's switch with the shortest and the fade, the agent reached 100% held-out 7 iterations
-  later; without them it never had in 16 (README, "Why sampling & filtering stops short of
-  100%").
+  H100 runs to 1.5e14 FLOPs); the sharp split from the start took seed 0 to 93% in 10 CPU minutes
+  but left seeds 1 and 2 on add-2, because the padded add-2 solutions it drops (ADD 0 ADD 1 HLT,
+  right because unused cells hold 0) are the rung to add-3. In turn, 8 of 9 H100 runs that
+  switched reached 100% by 1.2e14 FLOPs (README, "Measured"). At the switch the rarity divisor
+  goes too: a solution the policy now writes in most of its samples weighed a hundredth of one
+  found once in the climb, so the buffer's oldest items kept the weight. Dropping it took seed 0
+  from the switch to 100% in 9 iterations (5.8e13 FLOPs), where the same run with the divisor
+  stood at 61-80% (README). And at the switch the policy buffer's priorities are cut a
+  thousandfold (CLIMB_FADE), so that it teaches each task's one solution and little else: the
+  climb's rival solutions (ADD 1 ADD 0 HLT, padded ones) and, before the shortest came first, the
+  padded solutions a short task took from the batch (ADD 0 ADD 1 HLT, written on 2- and 3-input
+  tasks alike) held 6-15% of the priority at the end of the demo runs, the policy loss stayed at
+  0.02-0.05, and one sample in 12 on 4-input tasks was wrong, nearly always by a repeated operand
+  (ADD 0 ADD 1 ADD 1 HLT, ADD 0 ADD 1 ADD 2 ADD 1 HLT). Trained from the same checkpoint with
+  those priorities set to 0, the loss fell to 0.002-0.004 and 99% of samples were right within 32
+  steps. Resumed at seed 1's switch with the shortest and the fade, the agent reached 100%
+  held-out 7 iterations later; without them it never had in 16 (README, "Why sampling & filtering
+  stops short of 100%").
 - A quarter of each policy batch (--best_share) comes from a third buffer, the best buffer: each
   task's programs with its highest credit (if above 0), every task weighing the same, solved or
   not. The paper trains on the policy buffer alone. But there a solution outweighs a program
@@ -1002,7 +1001,7 @@ def shared_priorities(task_ids, programs, rewards, copies, args, consensus=False
     where tied), and the others get 0. The agent then learns one program per kind of task, the
     same one wherever it is right, not a blend of them. Shortest first: written most over the
     batch alone, a 2-input task often taught ADD 0 ADD 1 HLT, since the 3-input tasks write it
-    too, and the agent then mixed up how many inputs a prompt has.
+    too, and the agent's 4-input samples went wrong about one in 12 (module docstring).
     The rarity divisor goes too: the search now solves nearly every task, and what is left to
     learn is to write each task's one solution every time. With the divisor, a solution the
     policy wrote in 100 of 128 rollouts weighed a hundredth of one found once in the climb, so
