@@ -250,9 +250,16 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate channel pairs of x (B, H, T, hd) by position-dependent angles (B, 1, T, hd/2)."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    """Rotate channel pairs of x (B, H, T, hd) by position-dependent angles (B, 1, T, hd/2):
+    (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos). That is the product of the complex numbers
+    x1 + i x2 and cos + i sin, and torch computes it so, to the same bits, about 6x faster on a
+    CPU than on the strided halves (a tenth of iteration 0's search). Apple's GPU (mps) has no
+    complex numbers in every torch version, so it takes the halves."""
+    if x.device.type == "mps":
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
 
 
 class Attention(nn.Module):
@@ -397,7 +404,8 @@ class KVCache:
             target = torch.tensor(moved, device=device)
             source = torch.tensor([rows[k] for k in moved], device=device)
             for t in self.tensors:  # read all sources before writing any target
-                t.index_copy_(0, target, t.index_select(0, source))
+                used = t[:, :, : self.length]  # the slots past it are written before read
+                used.index_copy_(0, target, used.index_select(0, source))
         self._use_rows(len(rows))
         index = torch.tensor(rows, dtype=torch.long, device=device)
         self.visible = self.visible[index]

@@ -356,6 +356,19 @@ def test_model_is_causal():
     assert not torch.allclose(la[0, -1], lb[0, -1])
 
 
+def test_rope_rotates_each_channel_pair_by_its_angle():
+    torch.manual_seed(0)
+    x, angles = (
+        torch.randn(2, 3, 5, 8),
+        torch.rand(2, 1, 5, 4) * 6,
+    )  # (B, H, T, hd), (B, 1, T, hd/2)
+    cos, sin = angles.cos(), angles.sin()
+    y = ex.apply_rope(x, cos, sin)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    assert torch.allclose(y[..., 0::2], x1 * cos - x2 * sin, atol=1e-6)
+    assert torch.allclose(y[..., 1::2], x1 * sin + x2 * cos, atol=1e-6)
+
+
 def test_cache_select_keeps_rows_in_order_with_repeats():
     model = tiny_model()
     cache = ex.prefill(model, [TASK, lmc.Task([[7, 1, 5]], [13], [[2, 2, 2]], [6], None)], "cpu")
