@@ -931,6 +931,41 @@ def test_bandit_best_arm_found():
     assert np.argmax(weights[0]) == 1 and weights[0].sum() == pytest.approx(1.0)
 
 
+def test_root_mask_rules_actions_out_and_shortens_the_schedule():
+    # four arms, the best (1) and another (3) invalid: the two valid arms share the budget as
+    # the schedule of m = 2 says, and the invalid ones get no visit and no weight
+    rewards = [0.1, 0.9, 0.2, 0.3]
+    invalid = np.array([[False, True, False, True]])
+    for seed in range(5):
+        actions, weights, visits = ex.gumbel_search(
+            np.zeros((1, 4)),
+            np.zeros(1),
+            bandit_expand(rewards),
+            num_simulations=8,
+            generator=torch.Generator().manual_seed(seed),
+            invalid_actions=invalid,
+        )
+        assert visits[0].tolist() == [4, 0, 4, 0]
+        assert actions[0] == 2  # the better of the valid arms
+        assert weights[0, 1] == weights[0, 3] == 0 and weights[0].sum() == pytest.approx(1.0)
+
+
+def test_syntax_errors_follow_the_grammar():
+    operand = np.array([u in lmc.OPERANDS for u in ex.CODE_UNITS])
+    for program, needs_operand in [
+        ([], False),
+        (["ADD"], True),
+        (["ADD", "0"], False),
+        (["LDL", "3", "STA"], True),
+        (["LDL", "3", "STA", "1", "HLT"], False),
+    ]:
+        expected = ~operand if needs_operand else operand
+        assert ex.syntax_errors(program).tolist() == expected.tolist()
+        for unit, bad in zip(ex.CODE_UNITS, expected):  # the machine agrees, once HLT ends it
+            tail = [unit, "HLT"] if needs_operand else [unit] + ["0"] * (unit != "HLT") + ["HLT"]
+            assert (lmc.score(program + tail, [[1, 2]], [3])[0] == "S") == bool(bad)
+
+
 def chain_expand(calls, A=3):
     """An endless tree: every node's prior favours low actions; value -0.1 * depth - 0.05 * a."""
 
@@ -992,6 +1027,7 @@ def test_mcts_ablations_change_what_search_uses(monkeypatch):
         c_scale=0.1,
         mcts_prior="uniform",
         mcts_value="zero",
+        mcts_mask="syntax",
     )
     model = tiny_model()
     programs, _ = ex.gumbel_mcts(model, [TASK], args, torch.Generator())
