@@ -143,7 +143,7 @@ arg("--eval_temperature", type=float, help="held-out temperature (0.8 add, 1.0 r
 arg("--eval_rollouts", type=int, default=1, help="held-out: best of K samples on train pairs")
 arg("--epsilon", type=float, default=0.2, help="outcome sampler: chance of a random unit")
 arg("--outcome_rollouts", type=int, default=4, help="outcome sampler: episodes per task")
-arg("--num_simulations", type=int, default=64, help="MCTS: simulations per decision")
+arg("--num_simulations", type=int, default=256, help="MCTS: simulations per decision")
 arg("--max_num_considered_actions", type=int, default=16, help="MCTS: m of Gumbel-top-m")
 arg("--gumbel_scale", type=float, default=1.0, help="MCTS: scale of the root Gumbel noise")
 arg("--c_visit", type=float, default=50.0, help="MCTS: sigma's visit offset")
