@@ -17,13 +17,15 @@ Run it:
     python exit.py --task add4 --search mcts    # the same with Gumbel MCTS as the searcher
     python exit.py --eval_only --ckpt runs/add4/ckpt.pt --task add6   # try a saved agent elsewhere
 
-How long: on a 2-core laptop CPU the first add4 iteration takes about 45-55 s, later ones 10-20 s
-(search a median 3-4 s, training 7.5-10 s, evaluation and checkpoint about 1.7 s). Seed 0
-reaches 100% of held-out add4 at 526 s (4.3e13 FLOPs); after 10 minutes seeds 1 and 2 stand at
-97% and 87% (README, "Measured"). On an H100 the code of commit 17934e8, before
-the best buffer, reached 100% on seeds 0-2 in 68-108 s (6.8e13-1.2e14 FLOPs). Each iteration
-searches 16 tasks and trains the outcome predictor on 8 trajectories a step (table 3 fixes
-neither). Reaching 100% within 10 CPU minutes on every seed is open work.
+How long: on a 2-core laptop CPU the first add4 iteration takes about 52-55 s, later ones 9-21 s
+(search a median 2.7-3.4 s, training 8.3-9.1 s, evaluation and checkpoint about 1.7 s). Seeds 0,
+1 and 2 reach 100% of held-out add4 at 478, 467 and 565 s (3.4e13-4.2e13 FLOPs; README,
+"Measured"). On an H100 the code of commit 17934e8, before the best buffer, reached 100% on
+seeds 0-2 in 68-108 s (6.8e13-1.2e14 FLOPs). Each iteration searches 16 tasks and trains the
+outcome predictor on 8 trajectories a step (table 3 fixes neither). With --search mcts (256
+simulations a decision) a later iteration takes 10-28 s (median 19-20 s on seeds 0 and 2), and
+after 15 minutes held-out add4 stands at 48% and 59% on seeds 0 and 2 and at 0% on seed 1, which
+learns to write HLT alone (README).
 
 Where we depart from the paper, and why:
 - Eq. 1 sums the log-probabilities of a code unit's bytes. We restrict each byte's distribution
@@ -97,9 +99,8 @@ Where we depart from the paper, and why:
 - MCTS: each search's root rules out the code units that would make a syntax error (mctx's
   invalid_actions; the paper adds a leaf "if admissible by the environment" and says no more).
   The grammar is known, so a unit that dooms the program to a syntax error wastes a search.
-  On add4 it moved seeds 1 and 2 from HLT alone (0%) to the add-2 plateau (28-32%), and seed 0
-  the other way (gumbel_mcts; README); no seed solves a 3-input task either way. --mcts_mask
-  none turns it off.
+  With 64 simulations it moved seeds 1 and 2 of add4 from HLT alone (0%) to the add-2 plateau
+  (28-32%), and seed 0 the other way (gumbel_mcts; README). --mcts_mask none turns it off.
 - Held-out evaluation is measurement, not part of the method: its FLOPs are not counted.
 """
 
@@ -887,14 +888,17 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
     invalid_actions, so every program written is well formed (--mcts_mask none: all 21 units).
     Below the root nothing is masked, as in mctx: the prior and the values must learn the rest.
 
-    Measured on add4 (README). Without the mask: 32% held-out on seed 0, 0% on seeds 1 and 2.
+    Measured on add4 with 64 simulations, the default before (README). Without the mask: 32%
+    held-out on seed 0, 0% on seeds 1 and 2.
     With random weights the first search wrote HLT alone or long programs that err; HLT runs, so
     the policy learned it, the outcome predictor learned that every other unit leads to an error,
     and the trees reached only "X HLT", syntax errors one unit below the root. With the mask,
     seeds 1 and 2 leave HLT and solve the 2-input tasks (28-32% held-out after 15-30
     iterations), while seed 0 now writes HLT alone (0% for 30 iterations). No seed leaves the
-    add-2 plateau: after ADD 0 the prior puts about e^-11 on ADD, so the root drops it in
-    sequential halving's first round, and no 3-input task is solved.
+    add-2 plateau: after ADD 0 the prior puts about e^-6 on ADD and after ADD 0 ADD about
+    e^-12 on operand 1, and no 3-input task is solved. With 256 simulations (the default) the
+    trees reach such unlikely operands now and then: seeds 0 and 2 stand at 48% and 59% after
+    15 minutes, 3- and 4-input tasks among them, while seed 1 writes HLT alone (0%).
     """
     device = next(model.parameters()).device
 
