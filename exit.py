@@ -96,11 +96,14 @@ Where we depart from the paper, and why:
   reward; this change took 10 CPU minutes of add4 from 0% to 22-28% held-out.
 - The epsilon-greedy outcome sampler takes the policy's most likely unit, or with probability
   epsilon a uniformly random one.
-- MCTS: each search's root rules out the code units that would make a syntax error (mctx's
-  invalid_actions; the paper adds a leaf "if admissible by the environment" and says no more).
-  The grammar is known, so a unit that dooms the program to a syntax error wastes a search.
-  With 64 simulations it moved seeds 1 and 2 of add4 from HLT alone (0%) to the add-2 plateau
-  (28-32%), and seed 0 the other way (gumbel_mcts; README). --mcts_mask none turns it off.
+- MCTS: the environment admits no syntax error (the paper adds a leaf "if admissible by the
+  environment" and says no more), so the units that would make one are ruled out at every node:
+  at each search's root through mctx's invalid_actions, and below it by expand, which gives
+  them the float minimum as prior logits. mctx masks only the root and leaves the rest to the
+  environment's logits (GUMBEL.md, section 5); the search core stays mctx's. With 256
+  simulations it took add4 seeds 1 and 2 from 0% and 59% held-out after 15 minutes to 57% and
+  66%, and seed 0 from 48% to 0% (gumbel_mcts; README). --mcts_mask syntax masks the root only,
+  --mcts_mask none nothing.
 - Held-out evaluation is measurement, not part of the method: its FLOPs are not counted.
 """
 
@@ -153,9 +156,10 @@ arg("--mcts_prior", default="policy", choices=["policy", "uniform"], help="MCTS 
 arg("--mcts_value", default="model", choices=["model", "zero"], help="MCTS leaf values")
 arg(
     "--mcts_mask",
-    default="syntax",
-    choices=["syntax", "none"],
-    help="MCTS: at each search's root, rule out the units that make a syntax error (or none)",
+    default="tree",
+    choices=["tree", "syntax", "none"],
+    help="MCTS: rule out the units that make a syntax error at each root (syntax), at every node"
+    " (tree), or nowhere (none)",
 )
 # training
 arg("--lr", type=float, help="AdamW learning rate (2e-4 add, 5e-5 random)")
@@ -885,20 +889,25 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
 
     The environment admits no syntax error (the paper adds a leaf "if admissible by the
     environment"): each search's root rules out the units that would make one, through mctx's
-    invalid_actions, so every program written is well formed (--mcts_mask none: all 21 units).
-    Below the root nothing is masked, as in mctx: the prior and the values must learn the rest.
+    invalid_actions, and expand gives them the float minimum as prior logits at every node
+    below, so that eq. 3 never picks one (mctx leaves interior nodes to the environment's
+    logits). Every program written is well formed, and a tree below `ADD` tries an operand
+    rather than spending its visits on `ADD HLT`. --mcts_mask syntax masks the root only,
+    --mcts_mask none nothing.
 
-    Measured on add4 with 64 simulations, the default before (README). Without the mask: 32%
-    held-out on seed 0, 0% on seeds 1 and 2.
-    With random weights the first search wrote HLT alone or long programs that err; HLT runs, so
-    the policy learned it, the outcome predictor learned that every other unit leads to an error,
-    and the trees reached only "X HLT", syntax errors one unit below the root. With the mask,
-    seeds 1 and 2 leave HLT and solve the 2-input tasks (28-32% held-out after 15-30
-    iterations), while seed 0 now writes HLT alone (0% for 30 iterations). No seed leaves the
-    add-2 plateau: after ADD 0 the prior puts about e^-6 on ADD and after ADD 0 ADD about
-    e^-12 on operand 1, and no 3-input task is solved. With 256 simulations (the default) the
-    trees reach such unlikely operands now and then: seeds 0 and 2 stand at 48% and 59% after
-    15 minutes, 3- and 4-input tasks among them, while seed 1 writes HLT alone (0%).
+    Measured on add4 (README). Without any mask, 64 simulations: 32% held-out on seed 0, 0% on
+    seeds 1 and 2. With random weights the first search wrote HLT alone or long programs that
+    err; HLT runs, so the policy learned it, the outcome predictor learned that every other
+    unit leads to an error, and the trees reached only "X HLT", syntax errors one unit below
+    the root. The root mask took seeds 1 and 2 off HLT to the 2-input tasks (28-32%) and seed 0
+    onto HLT (0%); none left the add-2 plateau, as after ADD 0 the prior puts about e^-6 on ADD
+    and after ADD 0 ADD about e^-12 on operand 1. With 256 simulations the trees reach such
+    unlikely operands now and then: root mask 48%, 0% (HLT) and 59% after 15 minutes (seeds
+    0-2), the mask at every node 0%, 57% and 66%. Which seed falls into a trap moves with the
+    mask, but the trap stays. In one search of 16 2-input tasks from seed 0's last checkpoint
+    one tree reached `ADD 0 HLT` and none wrote it: the roots gave `ADD` 5 or 17 visits and
+    dropped it, and below `ADD` the trees finished `ADD 9 HLT` or `ADD 6 HLT`, the operands
+    the prior favours (the interior rule follows the prior until a value says otherwise).
     """
     device = next(model.parameters()).device
 
@@ -929,15 +938,19 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
                 for row, (_, units) in model_rows.items():
                     paths[row] = (None,) * (depth - len(units)) + tuple(units)
                 leaf_prior, leaf_values = ablate(*extend(model, cache, paths, store=False)[:2])
-                for row, (k, _) in model_rows.items():
-                    results[k] = (leaf_prior[row], float(leaf_values[row]), 0.0, False)
+                for row, (k, units) in model_rows.items():
+                    logits = leaf_prior[row]
+                    if args.mcts_mask == "tree":  # the grammar below the root too
+                        errors = syntax_errors(programs[active[row]] + units)
+                        logits = np.where(errors, np.finfo(np.float64).min, logits - logits.max())
+                    results[k] = (logits, float(leaf_values[row]), 0.0, False)
             return results
 
         # the environment admits no syntax error: the root rules those units out (mctx masks
-        # invalid actions at the root only; below it the prior and values must learn them)
+        # invalid actions at the root only; with --mcts_mask tree, expand rules them out below)
         invalid = (
             np.array([syntax_errors(programs[r]) for r in active])
-            if args.mcts_mask == "syntax"
+            if args.mcts_mask != "none"
             else None
         )
         actions, weights, visits = gumbel_search(
@@ -1341,7 +1354,10 @@ def run_label(run_dir):
         label = f"{a['task']} MCTS {a['num_simulations']} sims"
         label += " uniform prior" * (a["mcts_prior"] == "uniform")
         label += " zero value" * (a["mcts_value"] == "zero")
-        label += " no mask" * (a.get("mcts_mask") == "none")
+        # runs from before the mask was built have no such key: nothing was masked
+        label += {"tree": "", "syntax": " root mask", "none": " no mask"}[
+            a.get("mcts_mask", "none")
+        ]
     else:
         label = f"{a['task']} S&F {a['num_rollouts']} rollouts"
     return label + " no training" * bool(a.get("no_train")) + f" seed {a['seed']}"

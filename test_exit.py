@@ -1039,6 +1039,45 @@ def test_mcts_ablations_change_what_search_uses(monkeypatch):
     assert np.std(seen["prior"]) > 0 and seen["values"][0] != 0
 
 
+def test_tree_mask_rules_out_syntax_errors_below_the_root(monkeypatch):
+    leaves = {}
+
+    def fake_search(prior, values, expand, *args, **kw):
+        for path in [(0,), (0, 11)]:  # "ADD" needs an operand; "ADD 0" needs an opcode
+            leaves[path] = expand([(0, path)])[0][0]
+        return np.full(len(prior), 10), None, None
+
+    monkeypatch.setattr(ex, "gumbel_search", fake_search)
+    args = argparse_namespace(
+        num_simulations=2,
+        max_num_considered_actions=4,
+        gumbel_scale=1.0,
+        c_visit=50.0,
+        c_scale=0.1,
+        mcts_prior="policy",
+        mcts_value="model",
+        mcts_mask="tree",
+    )
+    floor = np.finfo(np.float64).min
+    ex.gumbel_mcts(tiny_model(), [TASK], args, torch.Generator())
+    assert np.all(leaves[(0,)][:11] == floor) and np.all(leaves[(0,)][11:] > floor)
+    assert np.all(leaves[(0, 11)][:11] > floor) and np.all(leaves[(0, 11)][11:] == floor)
+    args.mcts_mask = "syntax"  # root only, as mctx: the leaves keep the model's prior
+    ex.gumbel_mcts(tiny_model(), [TASK], args, torch.Generator())
+    assert np.all(leaves[(0,)] > floor) and np.all(leaves[(0, 11)] > floor)
+
+
+def test_interior_selection_never_picks_a_masked_action():
+    floor = np.finfo(np.float64).min
+    logits = np.array([floor, 0.0, -3.0, floor])
+    N = np.zeros(4)
+    for _ in range(20):  # the eq. 3 rule spreads visits over the two valid actions only
+        a = ex.interior_action(logits, np.zeros(4), N)
+        assert a in (1, 2)
+        N[a] += 1
+    assert N[1] > N[2] > 0
+
+
 def test_end_to_end_add2_mcts(tmp_path, capsys):
     out = str(tmp_path / "mcts")
     ex.main(
@@ -1137,6 +1176,15 @@ def test_plot_writes_csv_and_picture(tmp_path, capsys):
     assert lines[2].endswith(",3000000000000.0,0.25,0.5,0.5")
     pytest.importorskip("matplotlib")
     assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_label_names_the_mcts_mask(tmp_path):
+    path = fake_run(str(tmp_path / "a"), "mcts", "num_simulations", 256)
+    assert ex.run_label(path) == "add4 MCTS 256 sims no mask seed 0"  # a run from before it
+    for mask, label in [("tree", "add4 MCTS 256 sims seed 0"), ("syntax", "root mask")]:
+        args = json.load(open(f"{path}/args.json"))
+        json.dump({**args, "mcts_mask": mask}, open(f"{path}/args.json", "w"))
+        assert label in ex.run_label(path)
 
 
 def test_plot_without_matplotlib_writes_csv_only(tmp_path, capsys, monkeypatch):
