@@ -570,10 +570,27 @@ def extend(model, cache, paths, store):
     return unit_logits(trie_logits), values, outcome_probs
 
 
-def choose_units(prior_logits, temperature, epsilon, generator):
+OPERAND_UNITS = np.array([u in lmc.OPERANDS for u in CODE_UNITS])
+
+
+def syntax_errors(program):
+    """(21,) bool: the code units that would make a syntax error if written next after
+    `program` (itself free of one): an operand where an opcode must stand, or an opcode (HLT
+    too) where the last opcode still needs its operand."""
+    i = 0
+    while i < len(program):  # step over whole instructions: HLT alone, any other with operand
+        i += 1 if program[i] == "HLT" else 2
+    needs_operand = i > len(program)
+    return ~OPERAND_UNITS if needs_operand else OPERAND_UNITS.copy()
+
+
+def choose_units(prior_logits, temperature, epsilon, generator, invalid=None):
     """Pick one unit per row: sample softmax(logits / temperature), or the argmax when the
-    temperature is 0; with probability epsilon a uniformly random unit instead."""
+    temperature is 0; with probability epsilon a uniformly random unit instead. invalid (B, A)
+    bool, if given, rules units out of both."""
     B, A = prior_logits.shape
+    if invalid is not None:
+        prior_logits = prior_logits.masked_fill(invalid, float("-inf"))
     if temperature > 0:
         probs = (prior_logits / temperature).softmax(-1)
         units = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0]
@@ -581,7 +598,11 @@ def choose_units(prior_logits, temperature, epsilon, generator):
         units = prior_logits.argmax(-1).cpu()
     if epsilon > 0:
         explore = torch.rand(B, generator=generator) < epsilon
-        units = torch.where(explore, torch.randint(A, (B,), generator=generator), units)
+        if invalid is None:
+            uniform = torch.randint(A, (B,), generator=generator)
+        else:  # uniform over each row's valid units
+            uniform = torch.multinomial((~invalid).float().cpu(), 1, generator=generator)[:, 0]
+        units = torch.where(explore, uniform, units)
     return units.tolist()
 
 
@@ -597,8 +618,9 @@ def done(program):
 
 
 @torch.no_grad()
-def rollout(model, tasks, num_rollouts, temperature, epsilon, generator):
+def rollout(model, tasks, num_rollouts, temperature, epsilon, generator, grammar=False):
     """num_rollouts programs for each task, written one code unit at a time from the policy.
+    With grammar=True no unit that would make a syntax error is written (syntax_errors).
 
     Rollouts of a task that have written the same units so far stand in the same state, where
     the policy is the same: we read each distinct state once (one cache row) and draw the next
@@ -621,7 +643,12 @@ def rollout(model, tasks, num_rollouts, temperature, epsilon, generator):
             prior_logits, _, _ = extend(model, cache, last, store=True)
             # one draw for each rollout, from the policy of the state it stands in
             rows = torch.arange(len(states)).repeat_interleave(torch.tensor(crowd))
-            draws = choose_units(prior_logits[rows.to(device)], temperature, epsilon, generator)
+            invalid = None
+            if grammar:
+                errors = np.array([syntax_errors(list(units)) for _, units in states])
+                invalid = torch.from_numpy(errors)[rows].to(device)
+            logits = prior_logits[rows.to(device)]
+            draws = choose_units(logits, temperature, epsilon, generator, invalid)
             moves = collections.Counter(zip(rows.tolist(), draws))  # (row, unit) -> rollouts
             # the next states, as (parent row, state, rollouts): a state's first unfinished
             # child keeps its parent's row; further children go to new rows after the last
@@ -858,20 +885,6 @@ def gumbel_search(
         weights[b] = np.where(valid[b], softmax(root.prior_logits + sigma_q), 0.0)
         visits[b] = N
     return actions, weights, visits
-
-
-OPERAND_UNITS = np.array([u in lmc.OPERANDS for u in CODE_UNITS])
-
-
-def syntax_errors(program):
-    """(21,) bool: the code units that would make a syntax error if written next after
-    `program` (itself free of one): an operand where an opcode must stand, or an opcode (HLT
-    too) where the last opcode still needs its operand."""
-    i = 0
-    while i < len(program):  # step over whole instructions: HLT alone, any other with operand
-        i += 1 if program[i] == "HLT" else 2
-    needs_operand = i > len(program)
-    return ~OPERAND_UNITS if needs_operand else OPERAND_UNITS.copy()
 
 
 @torch.no_grad()
@@ -1678,9 +1691,11 @@ def run(args):
         tasks = draw(it)
         t0, flops0, tokens0 = time.time(), model.flops, model.tokens
         best, trajectories = SEARCHERS[args.search](model, tasks, args, gen)
-        # the epsilon-greedy sampler feeds the outcome buffer with good and bad programs alike
+        # the epsilon-greedy sampler feeds the outcome buffer with good and bad programs alike;
+        # where MCTS admits no syntax error at any node, neither does this sampler
+        grammar = args.search == "mcts" and args.mcts_mask == "tree"
         outcome_programs = (
-            rollout(model, tasks, args.outcome_rollouts, 0.0, args.epsilon, gen)
+            rollout(model, tasks, args.outcome_rollouts, 0.0, args.epsilon, gen, grammar)
             if args.outcome_rollouts and not args.no_train
             else []
         )

@@ -398,6 +398,28 @@ def test_choose_units_greedy_and_epsilon():
     assert 60 < picks.count(10) < 140 and len(set(picks)) == 21
 
 
+def test_choose_units_keeps_to_the_valid_units():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0] * 10 + [5.0] + [0.0] * 10]).repeat(2000, 1)
+    invalid = torch.tensor(ex.syntax_errors(["ADD"])).repeat(2000, 1)  # opcodes, HLT too
+    assert set(ex.choose_units(logits[:4], 0.0, 0.0, g, invalid[:4])) < set(range(11, 21))
+    picks = ex.choose_units(logits, 0.0, 1.0, g, invalid)  # epsilon 1: uniform over operands
+    assert set(picks) == set(range(11, 21)) and 140 < picks.count(11) < 260
+
+
+def test_grammar_rollouts_are_well_formed():
+    programs = ex.rollout(
+        tiny_model(), [TASK] * 4, 16, 0.0, 0.5, torch.Generator().manual_seed(0), grammar=True
+    )
+
+    def well_formed(p):  # no unit is one that syntax_errors rules out after what precedes it
+        return not any(ex.syntax_errors(p[:i])[ex.CODE_UNITS.index(p[i])] for i in range(len(p)))
+
+    assert all(well_formed(p) for p in programs)
+    loose = ex.rollout(tiny_model(), [TASK] * 4, 16, 0.0, 0.5, torch.Generator().manual_seed(0))
+    assert not all(well_formed(p) for p in loose)
+
+
 # ----------------------------------------------------------------------------------------------
 # Search, replay and training
 
@@ -1078,7 +1100,14 @@ def test_interior_selection_never_picks_a_masked_action():
     assert N[1] > N[2] > 0
 
 
-def test_end_to_end_add2_mcts(tmp_path, capsys):
+def test_end_to_end_add2_mcts(tmp_path, capsys, monkeypatch):
+    grammar, rollout = [], ex.rollout
+
+    def spy(*args):  # the outcome sampler passes grammar as its 7th argument, evaluation none
+        grammar.append(args[6:])
+        return rollout(*args)
+
+    monkeypatch.setattr(ex, "rollout", spy)
     out = str(tmp_path / "mcts")
     ex.main(
         [
@@ -1098,6 +1127,7 @@ def test_end_to_end_add2_mcts(tmp_path, capsys):
     rows = read_log(f"{out}/log.jsonl")
     assert rows[0]["simulations_per_s"] > 0 and rows[0]["flops_search"] > 0
     assert "sim/s" in capsys.readouterr().out
+    assert grammar[0] == (True,)  # the outcome sampler keeps to the grammar, as the trees do
 
 
 # ----------------------------------------------------------------------------------------------
