@@ -801,6 +801,13 @@ class Node:
         )
 
 
+def mask_invalid(logits, invalid):
+    """mctx's masking: logits minus their max, and the float minimum for invalid actions (the
+    last axis holds the actions)."""
+    logits = logits - logits.max(-1, keepdims=True)
+    return np.where(invalid, np.finfo(np.float64).min, logits)
+
+
 def gumbel_search(
     prior_logits,
     root_values,
@@ -830,8 +837,7 @@ def gumbel_search(
     valid = np.ones((B, A), dtype=bool)
     if invalid_actions is not None:
         valid = ~np.asarray(invalid_actions, dtype=bool)
-        masked = prior_logits - prior_logits.max(1, keepdims=True)
-        prior_logits = np.where(valid, masked, np.finfo(np.float64).min)
+        prior_logits = mask_invalid(prior_logits, ~valid)
     roots = [Node(prior_logits[b], float(root_values[b]), A) for b in range(B)]
     # Gumbel noise, drawn once per search: argmax of g + logits samples from the policy
     u = torch.rand(B, A, generator=generator, dtype=torch.float64).numpy()
@@ -962,8 +968,7 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
                 for row, (k, units) in model_rows.items():
                     logits = leaf_prior[row]
                     if args.mcts_mask == "tree":  # the grammar below the root too
-                        errors = syntax_errors(programs[active[row]] + units)
-                        logits = np.where(errors, np.finfo(np.float64).min, logits - logits.max())
+                        logits = mask_invalid(logits, syntax_errors(programs[active[row]] + units))
                     results[k] = (logits, float(leaf_values[row]), 0.0, False)
             return results
 

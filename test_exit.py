@@ -1031,6 +1031,21 @@ def test_zero_gumbel_scale_is_deterministic():
         assert np.array_equal(a, b)
 
 
+def mcts_args(**changes):
+    """The MCTS flags gumbel_mcts reads, small budgets, with `changes` on top."""
+    flags = dict(
+        num_simulations=2,
+        max_num_considered_actions=4,
+        gumbel_scale=1.0,
+        c_visit=50.0,
+        c_scale=0.1,
+        mcts_prior="policy",
+        mcts_value="model",
+        mcts_mask="tree",
+    )
+    return argparse_namespace(**{**flags, **changes})
+
+
 def test_mcts_ablations_change_what_search_uses(monkeypatch):
     seen = {}
 
@@ -1041,16 +1056,7 @@ def test_mcts_ablations_change_what_search_uses(monkeypatch):
         return np.full(len(prior), 10), None, None  # HLT everywhere
 
     monkeypatch.setattr(ex, "gumbel_search", fake_search)
-    args = argparse_namespace(
-        num_simulations=2,
-        max_num_considered_actions=4,
-        gumbel_scale=1.0,
-        c_visit=50.0,
-        c_scale=0.1,
-        mcts_prior="uniform",
-        mcts_value="zero",
-        mcts_mask="syntax",
-    )
+    args = mcts_args(mcts_prior="uniform", mcts_value="zero", mcts_mask="syntax")
     model = tiny_model()
     programs, _ = ex.gumbel_mcts(model, [TASK], args, torch.Generator())
     assert programs == [["HLT"]]
@@ -1070,16 +1076,7 @@ def test_tree_mask_rules_out_syntax_errors_below_the_root(monkeypatch):
         return np.full(len(prior), 10), None, None
 
     monkeypatch.setattr(ex, "gumbel_search", fake_search)
-    args = argparse_namespace(
-        num_simulations=2,
-        max_num_considered_actions=4,
-        gumbel_scale=1.0,
-        c_visit=50.0,
-        c_scale=0.1,
-        mcts_prior="policy",
-        mcts_value="model",
-        mcts_mask="tree",
-    )
+    args = mcts_args()
     floor = np.finfo(np.float64).min
     ex.gumbel_mcts(tiny_model(), [TASK], args, torch.Generator())
     assert np.all(leaves[(0,)][:11] == floor) and np.all(leaves[(0,)][11:] > floor)
