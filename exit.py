@@ -295,12 +295,8 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).split(C, dim=2)  # each (B, T, C)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, hd)
-        if cache is not None:
-            # write this call's keys/values after the cached ones, then attend over all of them
-            start = cache.length
-            cache.k[layer][:, :, start : start + T] = k
-            cache.v[layer][:, :, start : start + T] = v
-            k, v = cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T]
+        if cache is not None:  # the cached keys/values first, then this call's (KVCache.attend)
+            k, v = cache.attend(layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
@@ -405,6 +401,14 @@ class KVCache:
         n_layers = len(self.tensors) // 2
         self.k = [t[:n_rows] for t in self.tensors[:n_layers]]
         self.v = [t[:n_rows] for t in self.tensors[n_layers:]]
+
+    def attend(self, layer, k, v):
+        """Write this call's keys and values (B, H, T, hd) after the `length` cached slots and
+        return all of them, for the call's tokens to attend over."""
+        start, T = self.length, k.shape[2]
+        self.k[layer][:, :, start : start + T] = k
+        self.v[layer][:, :, start : start + T] = v
+        return self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]
 
     def select(self, rows):
         """Row k becomes a copy of row rows[k] (a list of indices, repeats allowed); rows past
@@ -572,6 +576,98 @@ def extend(model, cache, paths, store):
         cache.next_pos = last[:, 0] + 1
         cache.length += n_path
     return unit_logits(trie_logits), values, outcome_probs
+
+
+class TreeCache:
+    """The keys and values of the program steps below the roots of MCTS's trees, a slot a node.
+
+    A leaf of a search tree is its root's program plus a path of a few units. extend would read
+    the whole path again for every leaf, and pad every tree without a new leaf into the call.
+    Here a leaf reads only its own step and the trie: it attends to its root's row of the roots'
+    KVCache (prompt and program so far) and to the keys and values its ancestors' steps left in
+    their slots when they were leaves, and leaves its own step's in a new slot for its children.
+    A call reads only the trees that asked for a leaf. (Measured in the README: the same trees,
+    figure for figure, in a third of the time.)
+    """
+
+    def __init__(self, model, roots, capacity):
+        self.roots = roots  # the KVCache of the roots: one row per tree
+        self.n_layers = model.n_layers
+        shape = (capacity + 1, model.n_heads, SEGMENT, model.dim // model.n_heads)
+        self.pool = [
+            torch.empty(shape, device=roots.visible.device) for _ in range(2 * model.n_layers)
+        ]
+        for t in self.pool:  # slot 0 pads the ancestors of shallow leaves: never visible, but
+            t[0] = 0.0  # zeros, not garbage (a masked key weighs 0, and 0 * NaN is still NaN)
+        self.clear()
+
+    def clear(self):
+        """Forget every node: a new search begins, below roots that have moved on."""
+        self.nodes = {}  # (root row, path of units) -> (slot, next position after its step)
+        self.used = 1  # slots taken, the padding slot 0 included
+
+    def attend(self, layer, k, v):
+        """The root's keys and values, then the ancestors' steps, then this call's (model
+        forward calls this in each layer); this call's step goes to the new leaves' slots."""
+        n, H, _, hd = k.shape
+        keys, values = self.pool[layer], self.pool[self.n_layers + layer]
+        keys[self.new_slots], values[self.new_slots] = k[:, :, :SEGMENT], v[:, :, :SEGMENT]
+        length = self.roots.length
+        out = []
+        for root, pool, new in ((self.roots.k[layer], keys, k), (self.roots.v[layer], values, v)):
+            ancestors = pool[self.slots].transpose(1, 2).reshape(n, H, self.depth * SEGMENT, hd)
+            out.append(torch.cat([root[self.rows, :, :length], ancestors, new], 2))
+        return out
+
+    @torch.no_grad()
+    def read(self, model, leaves):
+        """(prior_logits (n, 21), eq. 1, values (n,)) at the leaves, as extend would give them.
+        leaves: n pairs (root row, path of units), each path's parent (the path less its last
+        unit) being its root or a leaf read before."""
+        roots, device = self.roots, self.roots.visible.device
+        n, depth = len(leaves), max(len(path) for _, path in leaves) - 1  # most ancestors
+        if self.used + n > self.pool[0].shape[0]:  # out of slots: double the room
+            self.pool = [torch.cat([t, torch.empty_like(t)]) for t in self.pool]
+        root_pos = roots.next_pos.tolist()
+        slots, seen, ids, vis, start = [], [], [], [], []
+        for row, path in leaves:
+            pad = depth - (len(path) - 1)  # missing ancestors, read as the padding slot
+            slots.append([self.nodes[row, path[:i]][0] for i in range(1, len(path))] + [0] * pad)
+            seen.append([v for u in path[:-1] for v in SEGMENTS[u][1]] + [False] * SEGMENT * pad)
+            ids.append(SEGMENTS[path[-1]][0])
+            vis.append(SEGMENTS[path[-1]][1])
+            start.append(root_pos[row] if len(path) == 1 else self.nodes[row, path[:-1]][1])
+        self.rows = torch.tensor([row for row, _ in leaves], device=device)
+        self.slots = torch.tensor(slots, dtype=torch.long, device=device).view(n, depth)
+        self.new_slots = torch.arange(self.used, self.used + n, device=device)
+        self.depth = depth
+        self.length = roots.length + depth * SEGMENT  # keys before this call's (model FLOPs)
+        # this call: the leaf's step, then the trie, placed and masked as in extend
+        vis_step = torch.tensor(vis, device=device)  # (n, SEGMENT)
+        ids = torch.cat([torch.tensor(ids, device=device), TRIE_IDS.to(device).expand(n, -1)], 1)
+        pos_step = torch.tensor(start, device=device)[:, None] + vis_step.long().cumsum(1) - 1
+        last = pos_step[:, -1:]
+        pos = torch.cat([pos_step, last + TRIE_DEPTH.to(device)], 1)
+        T = SEGMENT + N_TRIE
+        new = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        new[SEGMENT:, SEGMENT:] = TRIE_SEES.to(device)
+        vis_new = torch.cat([vis_step, torch.ones(n, N_TRIE, dtype=torch.bool, device=device)], 1)
+        new = (new & vis_new[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
+        old = torch.cat(
+            [
+                roots.visible[self.rows, : roots.length],
+                torch.tensor(seen, dtype=torch.bool, device=device),
+            ],
+            1,
+        ).view(n, 1, -1)
+        logits = model(ids, pos, torch.cat([old.expand(n, T, -1), new], 2), self)
+        for (row, path), slot, after in zip(
+            leaves, range(self.used, self.used + n), last[:, 0].tolist()
+        ):
+            self.nodes[row, path] = (slot, after + 1)
+        self.used += n
+        values, _ = outcome_value(logits[:, SEGMENT - 4])  # the "?" of the leaf's "O:?"
+        return unit_logits(logits[:, SEGMENT - 1 :]), values
 
 
 OPERAND_UNITS = np.array([u in lmc.OPERANDS for u in CODE_UNITS])
@@ -945,9 +1041,11 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
 
     cache = prefill(model, tasks, device)
     prior, values = ablate(*extend(model, cache, [("",)] * len(tasks), store=True)[:2])
+    tree = TreeCache(model, cache, len(tasks) * args.num_simulations)  # the steps below the roots
     programs = [[] for _ in tasks]
     active = list(range(len(tasks)))  # tasks whose program is unfinished, in cache-row order
     while active:
+        tree.clear()  # a fresh search below the new roots
 
         def expand(requests):
             results, model_rows = [None] * len(requests), {}
@@ -959,17 +1057,14 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
                     results[k] = (np.zeros(len(CODE_UNITS)), 0.0, reward, True)
                 else:
                     model_rows[row] = (k, [CODE_UNITS[a] for a in path])
-            if model_rows:
-                depth = max(len(units) for _, units in model_rows.values())
-                paths = [(None,) * (depth - 1) + ("HLT",)] * len(active)  # rows with no leaf
-                for row, (_, units) in model_rows.items():
-                    paths[row] = (None,) * (depth - len(units)) + tuple(units)
-                leaf_prior, leaf_values = ablate(*extend(model, cache, paths, store=False)[:2])
-                for row, (k, units) in model_rows.items():
-                    logits = leaf_prior[row]
+            if model_rows:  # one call for every tree's new leaf, reading one step each
+                leaves = [(row, tuple(units)) for row, (_, units) in model_rows.items()]
+                leaf_prior, leaf_values = ablate(*tree.read(model, leaves))
+                for j, (row, (k, units)) in enumerate(model_rows.items()):
+                    logits = leaf_prior[j]
                     if args.mcts_mask == "tree":  # the grammar below the root too
                         logits = mask_invalid(logits, syntax_errors(programs[active[row]] + units))
-                    results[k] = (logits, float(leaf_values[row]), 0.0, False)
+                    results[k] = (logits, float(leaf_values[j]), 0.0, False)
             return results
 
         # the environment admits no syntax error: the root rules those units out (mctx masks

@@ -335,6 +335,35 @@ def test_lookahead_with_padded_paths_matches_full_forward():
         assert values[row].item() == pytest.approx(value.item(), abs=1e-5)
 
 
+def test_tree_cache_leaves_match_reading_the_whole_path():
+    # each leaf reads one step over its ancestors' stored steps; the same numbers as extend,
+    # which reads the whole path below the root; two leaves a call, shallow and deep mixed,
+    # rows skipped, and more leaves than the first slots hold
+    model = tiny_model(2)
+    cache = ex.prefill(model, [TASK, TASK], "cpu")
+    ex.extend(model, cache, [("",), ("",)], store=True)
+    ex.extend(model, cache, [("ADD",), ("LDA",)], store=True)
+    tree = ex.TreeCache(model, cache, capacity=2)
+    calls = [
+        [(0, ("0",)), (1, ("3",))],
+        [(0, ("0", "SUB")), (1, ("4",))],
+        [(0, ("0", "SUB", "1")), (1, ("3", "HLT"))],
+        [(1, ("3", "ADD"))],
+    ]
+    for leaves in calls:
+        prior, values = tree.read(model, leaves)
+        for j, (row, path) in enumerate(leaves):
+            alone = ex.prefill(model, [TASK], "cpu")
+            ex.extend(model, alone, [("",)], store=True)
+            ex.extend(model, alone, [(["ADD", "LDA"][row],)], store=True)
+            p, v, _ = ex.extend(model, alone, [path], store=False)
+            assert torch.allclose(prior[j], p[0], atol=1e-4)
+            assert values[j].item() == pytest.approx(v[0].item(), abs=1e-5)
+    assert tree.pool[0].shape[0] > 3  # it grew
+    tree.clear()
+    assert not tree.nodes
+
+
 def test_value_is_expected_reward():
     logits = torch.full((3, 256), -1e9)
     logits[0, ord("9")] = 0  # certain success
