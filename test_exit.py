@@ -809,7 +809,10 @@ def test_a_resumed_run_is_the_run_never_stopped(tmp_path):
 def test_sharpen_starts_once_a_whole_batch_is_solved_and_survives_resume(
     tmp_path, monkeypatch, capsys
 ):
-    def solve_all(model, tasks, args, generator):  # a searcher that always writes ADD 0 HLT
+    searched = []
+
+    def solve_all(model, tasks, args, generator, sharp):  # always writes ADD 0 HLT
+        searched.append(sharp)  # the searcher is told of the switch too (MCTS uses it)
         program = ["ADD", "0", "HLT"]  # right on every add2 task
         return [program] * len(tasks), [(i, program) for i in range(len(tasks))]
 
@@ -831,6 +834,7 @@ def test_sharpen_starts_once_a_whole_batch_is_solved_and_survives_resume(
     assert weights[2:] == pytest.approx([ex.priority(1.0, 8.0)] * 2)
     assert max(weights[:2]) <= ex.CLIMB_FADE * ex.priority(1.0, 8.0)
     assert flags == [False, True]  # iteration 0 solved the batch; iteration 1 is sharpened
+    assert searched == flags
     assert "each task teaches one solution" in capsys.readouterr().out
     ex.main(["--task", "add2", "--max_iters", "3", "--out_dir", out, "--resume"] + TINY)
     assert flags == [False, True, True]  # the resumed run stays sharpened
@@ -1113,6 +1117,23 @@ def test_tree_mask_rules_out_syntax_errors_below_the_root(monkeypatch):
     args.mcts_mask = "syntax"  # root only, as mctx: the leaves keep the model's prior
     ex.gumbel_mcts(tiny_model(), [TASK], args, torch.Generator())
     assert np.all(leaves[(0,)] > floor) and np.all(leaves[(0, 11)] > floor)
+
+
+def test_sharp_mcts_takes_the_best_weighted_of_the_most_visited(monkeypatch):
+    # the draw: mctx's final action, Gumbel noise included; sharp: the best weight among the
+    # most visited actions, whatever the noise
+    visits = np.array([[4.0, 4.0, 1.0] + [0.0] * 18])
+    weights = np.array([[0.2, 0.3, 0.5] + [0.0] * 18])
+
+    def fake_search(prior, values, expand, *args, **kw):
+        return np.array([0]), weights, visits  # the draw picked unit 0 (ADD)
+
+    monkeypatch.setattr(ex, "gumbel_search", fake_search)
+    args = mcts_args(num_simulations=9)
+    trace = []
+    run = ex.gumbel_mcts(tiny_model(), [TASK], args, torch.Generator(), trace, sharp=True)
+    assert run[0][0][0] == ex.CODE_UNITS[1]  # not 2: fewer visits, however heavy
+    assert ex.gumbel_mcts(tiny_model(), [TASK], args, torch.Generator())[0][0][0] == "ADD"
 
 
 def test_interior_selection_never_picks_a_masked_action():
