@@ -23,8 +23,9 @@ How long: on a 2-core laptop CPU the first add4 iteration takes about 52-55 s, l
 "Measured"). On an H100 the code of commit 17934e8, before the best buffer, reached 100% on
 seeds 0-2 in 68-108 s (6.8e13-1.2e14 FLOPs). Each iteration searches 16 tasks and trains the
 outcome predictor on 8 trajectories a step (table 3 fixes neither). With --search mcts (256
-simulations a decision) a later iteration takes 16-72 s (median 28-34 s), and after 15
-minutes held-out add4 stands at 64%, 47% and 49% on seeds 0-2 (README).
+simulations a decision) on a 2-core CPU about twice as fast (S&F's seed 0 there: 238 s), a
+later iteration takes 8-29 s (median 12 s, about 2,800-3,000 simulations/s), and seeds 0, 1 and
+2 reach 100% at 672, 544 and 518 s (6.2e13-8.3e13 FLOPs; README).
 
 Where we depart from the paper, and why:
 - Eq. 1 sums the log-probabilities of a code unit's bytes. We restrict each byte's distribution
@@ -108,6 +109,15 @@ Where we depart from the paper, and why:
   simulations it took add4 seeds 1 and 2 from 0% and 59% held-out after 15 minutes to 57% and
   66%, and seed 0 from 48% to 0% (gumbel_mcts; README). --mcts_mask syntax masks the root only,
   --mcts_mask none nothing.
+- MCTS, once the search has solved a whole batch (--sharpen's switch): the root draws no
+  Gumbel noise (gumbel_scale 0), so each state's unit is the search's deterministic pick, and
+  among equally good units (ADD 0 or ADD 1 first) the policy's favourite rather than a draw from
+  it: each kind of task teaches one solution, as S&F's consensus does. The paper keeps the noise
+  throughout. With it, seed 0 of add4 stood at 52-98% held-out over the 44 iterations after
+  the switch, never 100% in 15 minutes: over iterations 23-55 the search, sure to solve every
+  training task, wrote a reordered or padded solution for half the 3-input tasks and 29% of
+  the 4-input ones (ADD 1 ADD 0 HLT, ADD 0 ADD 2 ADD 1 HLT). Without it, 7% and 13%, and
+  seeds 0-2 reached 100% in 672, 544 and 518 s (gumbel_mcts; README).
 - Held-out evaluation is measurement, not part of the method: its FLOPs are not counted.
 """
 
@@ -1006,21 +1016,27 @@ def gumbel_mcts(model, tasks, args, generator, trace=None, sharp=False):
     the next code unit, with the model's eq. 2 policy as prior logits and its outcome prediction
     as leaf values; a finished program is valued by its score on the train pairs. All tasks' trees
     advance in lockstep: each simulation makes one batched model call for the leaves of every
-    tree, which reads the root's cached prompt and program and only the few steps below it.
+    tree, and each leaf reads one step: the root's prompt and program stay in the KV cache, and
+    the steps below it in TreeCache.
     --mcts_prior uniform and --mcts_value zero switch off the policy or the value (figure 5).
     Returns (programs, trajectories) like sample_and_filter, one program per task. With a list as
     `trace`, each decision appends {task index: (root visit counts, action weights)}.
 
-    With sharp=True (the loop's --sharpen switch, once the search has solved a whole batch) each
-    decision takes, among the most visited root actions, the one with the highest
-    logits + sigma(q), that is the highest action weight, where mctx adds the root's Gumbel
-    noise to that score too: among equally good units (ADD 0 or ADD 1 first, on add-3) the
-    policy's favourite rather than a draw from the policy. The search itself keeps its noise.
-    This is --sharpen's "each task teaches one solution" for a searcher that writes one program
-    a task: with the draw, MCTS wrote reordered solutions in proportion to the policy's own
-    doubts (ADD 0 ADD 2 ADD 1 HLT for a fifth of seed 0's 4-input tasks in its last ten
-    iterations), the agent learned the blend and wrote ADD 0 ADD 1 ADD 1 HLT, and held-out add4
-    stood at 77-86% for the last 12 of its 15 minutes (README).
+    With sharp=True (the loop's --sharpen switch, once the search has solved a whole batch)
+    the root draws no Gumbel noise (gumbel_scale 0): it considers the m units with the highest
+    logits, halves them greedily by logits + sigma(q), and the final action is the most visited
+    unit with the highest logits + sigma(q). Among equally good units (ADD 0 or ADD 1 first, on
+    add-3) that is the policy's favourite rather than a draw from the policy. This is
+    --sharpen's "each task teaches one solution" for a searcher that writes one program a task.
+    With the noise, MCTS wrote reordered solutions as often as the policy doubted. On seed 0 of
+    add4 (commit da4b51b, the same run as today's up to its switch at iteration 22), over
+    iterations 23-55 it wrote a reordered or padded solution (ADD 1 ADD 0 HLT, ADD 0 ADD 1 ADD
+    2 HLT, ADD 0 ADD 2 ADD 1 HLT) for 92 of 186 3-input tasks and 51 of 176 4-input ones, and
+    held-out stood at 52-98%, 92% after 15 minutes. Without it, 12 and 23 of the same counts,
+    and 100% at iteration 55. Taking the favourite only at the final pick, with the noise kept
+    in the search, left seed 0 at 99% after 894 s (commit 1916323, on a slower machine). With no noise after the
+    switch, seeds 0, 1 and 2 reached 100% at 672, 544 and 518 s (6.2e13-8.3e13 FLOPs; README,
+    "Measured").
 
     The environment admits no syntax error (the paper adds a leaf "if admissible by the
     environment"): each search's root rules out the units that would make one, through mctx's
@@ -1046,7 +1062,9 @@ def gumbel_mcts(model, tasks, args, generator, trace=None, sharp=False):
     the prior favours (the interior rule follows the prior until a value says otherwise), and
     the outcome predictor, trained on a sampler free to err, expected a syntax error the trees
     could not reach. With the sampler kept to the grammar as well (the default), all three
-    seeds climb: 64%, 47% and 49% after 15 minutes.
+    seeds climb: 64%, 47% and 49% after 15 minutes (commit aac9687). With each leaf reading one
+    step (TreeCache: one search from a late checkpoint took 6.4 s against 17.4 s before it) and
+    no root noise after the switch, all three reach 100%, at 672, 544 and 518 s.
     """
     device = next(model.parameters()).device
 
@@ -1096,14 +1114,12 @@ def gumbel_mcts(model, tasks, args, generator, trace=None, sharp=False):
             expand,
             args.num_simulations,
             args.max_num_considered_actions,
-            args.gumbel_scale,
+            0.0 if sharp else args.gumbel_scale,  # after the switch: no noise (see above)
             args.c_visit,
             args.c_scale,
             generator,
             invalid,
         )
-        if sharp:  # the best-weighted of the most visited, without the draw (see above)
-            actions = np.where(visits == visits.max(1, keepdims=True), weights, -1.0).argmax(1)
         if trace is not None:
             trace.append({r: (visits[i], weights[i]) for i, r in enumerate(active)})
         for row, a in zip(active, actions):
@@ -1944,6 +1960,7 @@ def run(args):
             print(
                 "      the search solved every training task: from now on each task teaches one "
                 "solution, its shortest (then the one written most over the batch; --sharpen)"
+                + "; MCTS searches without root noise" * (args.search == "mcts")
             )
         if it % args.show_every == 0:
             t = heldout[0]
