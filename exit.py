@@ -1034,9 +1034,9 @@ def gumbel_mcts(model, tasks, args, generator, trace=None, sharp=False):
     2 HLT, ADD 0 ADD 2 ADD 1 HLT) for 92 of 186 3-input tasks and 51 of 176 4-input ones, and
     held-out stood at 52-98%, 92% after 15 minutes. Without it, 12 and 23 of the same counts,
     and 100% at iteration 55. Taking the favourite only at the final pick, with the noise kept
-    in the search, left seed 0 at 99% after 894 s (commit 1916323, on a slower machine). With no noise after the
-    switch, seeds 0, 1 and 2 reached 100% at 672, 544 and 518 s (6.2e13-8.3e13 FLOPs; README,
-    "Measured").
+    in the search, left seed 0 at 99% after 894 s (commit 1916323, on a slower machine). With
+    no noise after the switch, seeds 0, 1 and 2 reached 100% at 672, 544 and 518 s
+    (6.2e13-8.3e13 FLOPs; README, "Measured").
 
     The environment admits no syntax error (the paper adds a leaf "if admissible by the
     environment"): each search's root rules out the units that would make one, through mctx's
