@@ -113,11 +113,9 @@ Where we depart from the paper, and why:
   Gumbel noise (gumbel_scale 0), so each state's unit is the search's deterministic pick, and
   among equally good units (ADD 0 or ADD 1 first) the policy's favourite rather than a draw from
   it: each kind of task teaches one solution, as S&F's consensus does. The paper keeps the noise
-  throughout. With it, seed 0 of add4 stood at 52-98% held-out over the 44 iterations after
-  the switch, never 100% in 15 minutes: over iterations 23-55 the search, sure to solve every
-  training task, wrote a reordered or padded solution for half the 3-input tasks and 29% of
-  the 4-input ones (ADD 1 ADD 0 HLT, ADD 0 ADD 2 ADD 1 HLT). Without it, 7% and 13%, and
-  seeds 0-2 reached 100% in 672, 544 and 518 s (gumbel_mcts; README).
+  throughout. With it, the search wrote a reordered or padded solution for half the 3-input
+  tasks after the switch, and seed 0 of add4 never reached 100% in 15 minutes; without it,
+  seeds 0-2 did (gumbel_mcts has the counts; README).
 - Held-out evaluation is measurement, not part of the method: its FLOPs are not counted.
 """
 
@@ -1033,10 +1031,9 @@ def gumbel_mcts(model, tasks, args, generator, trace=None, sharp=False):
     iterations 23-55 it wrote a reordered or padded solution (ADD 1 ADD 0 HLT, ADD 0 ADD 1 ADD
     2 HLT, ADD 0 ADD 2 ADD 1 HLT) for 92 of 186 3-input tasks and 51 of 176 4-input ones, and
     held-out stood at 52-98%, 92% after 15 minutes. Without it, 12 and 23 of the same counts,
-    and 100% at iteration 55. Taking the favourite only at the final pick, with the noise kept
-    in the search, left seed 0 at 99% after 894 s (commit 1916323, on a slower machine). With
-    no noise after the switch, seeds 0, 1 and 2 reached 100% at 672, 544 and 518 s
-    (6.2e13-8.3e13 FLOPs; README, "Measured").
+    and 100% at iteration 55 (672 s). Taking the favourite only at the final pick, with the
+    noise kept in the search, left seed 0 at 99% after 894 s (commit 1916323, on a slower
+    machine; README, "Measured").
 
     The environment admits no syntax error (the paper adds a leaf "if admissible by the
     environment"): each search's root rules out the units that would make one, through mctx's
@@ -1960,7 +1957,7 @@ def run(args):
             print(
                 "      the search solved every training task: from now on each task teaches one "
                 "solution, its shortest (then the one written most over the batch; --sharpen)"
-                + "; MCTS searches without root noise" * (args.search == "mcts")
+                + ("; MCTS searches without root noise" if args.search == "mcts" else "")
             )
         if it % args.show_every == 0:
             t = heldout[0]
