@@ -124,6 +124,7 @@ import collections
 import json
 import math
 import os
+import random
 import sys
 import time
 
@@ -143,7 +144,8 @@ arg = parser.add_argument
 # task
 arg("--task", default="add4", help="add2..add9, random, or a .jsonl task file")
 arg("--num_tasks", type=int, default=16, help="training tasks searched per iteration")
-arg("--num_heldout", type=int, default=100, help="held-out tasks for evaluation")
+arg("--num_heldout", type=int, default=100, help="held-out tasks evaluated (at most)")
+arg("--heldout", metavar="FILE", help="held-out tasks (.jsonl); default: a fifth of a task file")
 arg("--target", type=float, default=1.0, help="stop at this held-out solved fraction")
 arg("--max_iters", type=int, default=200, help="stop after this many iterations")
 arg("--max_flops", type=float, default=0, help="stop once this many FLOPs are spent (0: no limit)")
@@ -178,16 +180,9 @@ arg("--lr", type=float, help="AdamW learning rate (2e-4 add, 5e-5 random)")
 arg("--batch_size", type=int, default=32, help="trajectories per policy batch")
 arg("--outcome_batch_size", type=int, default=8, help="trajectories per outcome batch")
 arg("--train_steps", type=int, default=8, help="gradient steps per iteration")
-arg("--buffer_size", type=int, default=20000, help="capacity of each replay buffer")
-arg("--priority_exponent", type=float, default=8.0, help="priority = fraction passed ** this")
-arg("--rarity", type=float, default=1.0, help="divide by the task's best-reward count ** this")
-arg("--best_share", type=float, default=0.25, help="policy batch part drawn from best attempts")
-arg(
-    "--sharpen",
-    default="solved",
-    choices=["solved", "never", "always"],
-    help="when each task starts teaching one solution, undivided (solved: once a batch is solved)",
-)
+arg("--buffer_iters", type=int, default=16, help="replay keeps the last N iterations' programs")
+arg("--replay", default="twolevel,tiebreak,allpairs", help="our replay rules, or 'paper'")
+arg("--priority_temperature", type=float, default=0.1, help="priority exp(reward / T)")
 # system
 arg("--seed", type=int, default=0, help="one seed for the whole run")
 arg("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
@@ -229,6 +224,7 @@ SUFFIX = b"O:? A:"  # what follows every code unit: an outcome slot, then the ne
 UNIT_WIDTH = 5  # the longest code unit plus its trailing space, "ADDL "
 SEGMENT = UNIT_WIDTH + len(SUFFIX)  # one step of the program string, right-aligned, padded
 PAD = 0  # padding byte; padded positions are never attended to
+MAX_POS = 1024  # positions the model can read: a prompt and a whole episode must fit
 OUTCOME_IDS = torch.tensor([ord(o) for o in OUTCOMES])  # the 13 outcome bytes
 OUTCOME_REWARDS = torch.tensor([lmc.outcome_reward(o) for o in OUTCOMES])
 
@@ -335,7 +331,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Byte-level decoder. It counts the FLOPs of its own forward passes in `self.flops`."""
 
-    def __init__(self, dim=256, n_layers=4, n_heads=4, max_pos=1024):
+    def __init__(self, dim=256, n_layers=4, n_heads=4, max_pos=MAX_POS):
         super().__init__()
         self.dim, self.n_layers, self.n_heads = dim, n_layers, n_heads
         self.tok_embeddings = nn.Embedding(VOCAB_SIZE, dim)
@@ -783,24 +779,30 @@ def rollout(model, tasks, num_rollouts, temperature, epsilon, generator, grammar
     return programs
 
 
-def best_of(task, programs):
-    """Filtering: the program with the highest score on the train pairs (the first, on ties)."""
-    return max(programs, key=lambda p: lmc.score(p, task.train_inputs, task.train_outputs)[1])
+def filter_best(task, programs, tiebreak=True):
+    """Filtering: of one task's programs, the one that scores best on the train pairs (the only
+    pairs a searcher may see). Ties go to the first written, or with tiebreak to the shortest,
+    then to the one written most often: the policy's own favourite among equal programs."""
+    written = collections.Counter(map(tuple, programs))  # first-written order
+
+    def key(p):
+        reward = lmc.score(p, task.train_inputs, task.train_outputs)[1]
+        return (reward, -len(p), written[p]) if tiebreak else (reward,)
+
+    return list(max(written, key=key))  # max keeps the first of equal keys
 
 
-def sample_and_filter(model, tasks, args, generator, sharp=False):
+def sample_and_filter(model, tasks, args, generator):
     """Searcher: sampling & filtering (paper 2.4.1).
 
     Samples args.num_rollouts programs per task at args.gen_temperature from the policy (eq. 2)
-    and keeps, per task, the one that scores best on the train pairs. Returns (best, trajectories):
-    the best program of each task, and every (task index, program) sampled, for the replay buffer.
-    `sharp` (--sharpen) changes nothing here: the priorities then pick each task's one solution
-    from its samples (shared_priorities).
+    and keeps, per task, the one that scores best on the train pairs (filter_best). Returns
+    (answers, written): one program per task, and per task the list of all programs sampled.
     """
-    programs = rollout(model, tasks, args.num_rollouts, args.gen_temperature, 0.0, generator)
+    samples = rollout(model, tasks, args.num_rollouts, args.gen_temperature, 0.0, generator)
     R = args.num_rollouts
-    best = [best_of(task, programs[i * R : (i + 1) * R]) for i, task in enumerate(tasks)]
-    return best, [(i // R, p) for i, p in enumerate(programs)]
+    written = [samples[i * R : (i + 1) * R] for i in range(len(tasks))]
+    return [filter_best(t, w) for t, w in zip(tasks, written)], written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1007,7 +1009,7 @@ def gumbel_search(
 
 
 @torch.no_grad()
-def gumbel_mcts(model, tasks, args, generator, trace=None, sharp=False):
+def gumbel_mcts(model, tasks, args, generator, trace=None):
     """Searcher: Gumbel MCTS, run anew at every state of every episode (paper 2.4.2).
 
     One episode per task. At each state a fresh search of args.num_simulations simulations picks
@@ -1017,23 +1019,8 @@ def gumbel_mcts(model, tasks, args, generator, trace=None, sharp=False):
     tree, and each leaf reads one step: the root's prompt and program stay in the KV cache, and
     the steps below it in TreeCache.
     --mcts_prior uniform and --mcts_value zero switch off the policy or the value (figure 5).
-    Returns (programs, trajectories) like sample_and_filter, one program per task. With a list as
+    Returns (programs, written) like sample_and_filter, one program per task. With a list as
     `trace`, each decision appends {task index: (root visit counts, action weights)}.
-
-    With sharp=True (the loop's --sharpen switch, once the search has solved a whole batch)
-    the root draws no Gumbel noise (gumbel_scale 0): it considers the m units with the highest
-    logits, halves them greedily by logits + sigma(q), and the final action is the most visited
-    unit with the highest logits + sigma(q). Among equally good units (ADD 0 or ADD 1 first, on
-    add-3) that is the policy's favourite rather than a draw from the policy. This is
-    --sharpen's "each task teaches one solution" for a searcher that writes one program a task.
-    With the noise, MCTS wrote reordered solutions as often as the policy doubted. On seed 0 of
-    add4 (commit da4b51b, the same run as today's up to its switch at iteration 22), over
-    iterations 23-55 it wrote a reordered or padded solution (ADD 1 ADD 0 HLT, ADD 0 ADD 1 ADD
-    2 HLT, ADD 0 ADD 2 ADD 1 HLT) for 92 of 186 3-input tasks and 51 of 176 4-input ones, and
-    held-out stood at 52-98%, 92% after 15 minutes. Without it, 12 and 23 of the same counts,
-    and 100% at iteration 55 (672 s). Taking the favourite only at the final pick, with the
-    noise kept in the search, left seed 0 at 99% after 894 s (commit 1916323, on a slower
-    machine; README, "Measured").
 
     The environment admits no syntax error (the paper adds a leaf "if admissible by the
     environment"): each search's root rules out the units that would make one, through mctx's
@@ -1111,7 +1098,7 @@ def gumbel_mcts(model, tasks, args, generator, trace=None, sharp=False):
             expand,
             args.num_simulations,
             args.max_num_considered_actions,
-            0.0 if sharp else args.gumbel_scale,  # after the switch: no noise (see above)
+            args.gumbel_scale,
             args.c_visit,
             args.c_scale,
             generator,
@@ -1133,176 +1120,82 @@ def gumbel_mcts(model, tasks, args, generator, trace=None, sharp=False):
         active = [active[i] for i in keep]
         step = [(programs[r][-1],) for r in active]
         prior, values = ablate(*extend(model, cache, step, store=True)[:2])
-    return programs, list(enumerate(programs))
+    return programs, [[p] for p in programs]
 
 
 SEARCHERS = {"sf": sample_and_filter, "mcts": gumbel_mcts}
 
 
 # ----------------------------------------------------------------------------------------------
-# Replay buffers (paper 2.3)
+# Replay (paper 2.3): what the policy trains on.
+# The policy buffer draws programs with probability proportional to a priority that grows with
+# their reward (prioritized replay, Schaul et al. 2015), so the agent trains most on what the
+# search solved: priority exp(reward / T), --priority_temperature T, so a solution is drawn
+# e^(1/T) times as often as a wrong program that runs, and errors least of all. The outcome
+# buffer holds the epsilon-greedy sampler's programs, drawn uniformly: the outcome predictor
+# must see bad programs too. Both keep what the last --buffer_iters iterations stored, so the
+# attempts of a weaker policy age out. --replay names which of our three rules to add to the
+# paper's own, which stores each task's filtered program with priority reward + 0.01:
+#   twolevel   store every distinct program the search wrote for a task, and give each task
+#              (each iteration) the same weight, shared by its programs in proportion to their
+#              priorities: solved or not, every task is trained on, and a task with twenty
+#              solutions does not outweigh a task with one;
+#   tiebreak   a task's solutions count as one, its shortest, then the one written most, so each
+#              task teaches one solution, not a blend of rival ones;
+#   allpairs   the reward behind the priority counts all the task's pairs, train and hidden
+#              test, so a program that passes a few degenerate test pairs by luck is no solution.
+
+REPLAY_RULES = ("twolevel", "tiebreak", "allpairs")
 
 
 class ReplayBuffer:
-    """A bounded buffer of trajectories, sampled with probability proportional to priority.
+    """Trajectories with priorities, sampled with probability proportional to priority. Each
+    item remembers the iteration that stored it; age_out forgets the oldest iterations."""
 
-    When full, the oldest trajectory makes room (first in, first out). The policy buffer's
-    priorities grow with the fraction of the task's pairs a program passes (priority, credit,
-    shared_priorities), so good programs are trained on more often; the best buffer gives each
-    task's best attempts a task's worth (best_priorities); the outcome buffer uses priority 1.
-    """
-
-    def __init__(self, capacity):
-        self.capacity = capacity
-        self.items, self.priorities = [], []
-        self.next = 0  # where the next item goes once the buffer is full
+    def __init__(self):
+        self.items, self.priorities, self.iterations = [], [], []
 
     def __len__(self):
         return len(self.items)
 
-    def add(self, item, priority):
-        if len(self.items) < self.capacity:
-            self.items.append(item)
-            self.priorities.append(priority)
-        else:
-            self.items[self.next], self.priorities[self.next] = item, priority
-            self.next = (self.next + 1) % self.capacity
+    def add(self, item, priority, iteration):
+        self.items.append(item)
+        self.priorities.append(priority)
+        self.iterations.append(iteration)
 
-    def share(self, test):
-        """The fraction of the priority mass on items for which test(item) holds."""
-        total = sum(self.priorities)
-        return sum(p for x, p in zip(self.items, self.priorities) if test(x)) / max(total, 1e-30)
-
-    def scale(self, factor):
-        """Multiply every priority by factor: what is in the buffer now is drawn that much less
-        often than what comes in later."""
-        self.priorities = [p * factor for p in self.priorities]
+    def age_out(self, oldest):
+        """Keep only what iteration `oldest` and later stored."""
+        keep = [k for k, it in enumerate(self.iterations) if it >= oldest]
+        self.items = [self.items[k] for k in keep]
+        self.priorities = [self.priorities[k] for k in keep]
+        self.iterations = [self.iterations[k] for k in keep]
 
     def sample(self, n, generator):
         if n == 0:
             return []
-        weights = torch.tensor(self.priorities, dtype=torch.float)
+        weights = torch.tensor(self.priorities, dtype=torch.float64)
         picks = torch.multinomial(weights, n, replacement=True, generator=generator)
         return [self.items[i] for i in picks.tolist()]
 
 
-PRIORITY_FLOOR = 1e-6  # a wrong or broken program is drawn only while nothing better exists
-CLIMB_FADE = 1e-3  # at the --sharpen switch, the policy buffer's priorities are cut by this
-
-
-def priority(reward, exponent):
-    """Policy-buffer priority: (fraction of the task's pairs passed) ** exponent, plus a floor;
-    the loop passes the credit of a program (train and test pairs). Errors (negative rewards)
-    pass none. The exponent (Schaul et al.'s alpha) makes a full solution outweigh lucky partial
-    ones: with the default 8, a program right on 2 of an add task's 6 pairs counts 1.5e-4, about
-    what any program that runs gets, one right on 4 counts 0.04 and one right on 5 counts 0.23.
-    The floor rises tenfold per reward step: a program that runs (reward 0) is drawn 10 times as
-    often as one that errs (-1), 100 times as often as one cut off at the maximal length (-2), so
-    that before anything passes a test pair the agent learns to write programs that halt."""
-    return max(reward, 0.0) ** exponent + PRIORITY_FLOOR * 10 ** (min(reward, 0.0) + 2)
-
-
-def credit(task, program):
-    """What a program's priority counts (shared_priorities): its reward on all the task's pairs,
-    the train pairs of the prompt and the hidden test pairs, not on the test pairs alone. Three
-    test pairs of small numbers drawn with replacement are sometimes degenerate ([5, 1], [3, 1],
-    [5, 1]), and a program that ignores the inputs passes them by luck (ADDL 1 HLT, wrong on the
-    train pairs): early in a run such lucky finds were the rarest solutions, so the heaviest,
-    and in two seeds of six the policy settled on them and never solved add-2."""
-    inputs, outputs = task.train_inputs + task.test_inputs, task.train_outputs + task.test_outputs
-    return lmc.score(program, inputs, outputs)[1]
-
-
-def shared_priorities(task_ids, programs, rewards, copies, args, consensus=False):
-    """Priorities for one iteration's distinct programs: programs[k] is task_ids[k]'s, earned
-    rewards[k] (the loop passes its credit, on all the task's pairs) and was sampled copies[k]
-    times.
-
-    A task's distinct programs with the same reward share one priority, in equal parts. An easy
-    task solved by twenty variants must not outweigh a hard task solved once: without the sharing
-    we measured 483 add-2 solutions against 7 add-3 ones in the buffer, and an agent that never
-    got past add-2. With args.rarity > 0 all of task i's priorities are also divided by
-    found ** rarity, found being the number of its rollouts, copies included, that earned its
-    best reward: a task the search solved once outweighs one the policy already solves half the
-    time, the expert's news rather than what the apprentice knows; one divisor per task keeps a
-    task's right programs above its wrong ones (the module docstring says what dividing each
-    reward by its own count did). MCTS gives one program per task, so there the division
-    changes nothing.
-
-    With consensus=True (the loop turns it on once the search has solved every task of a
-    batch: --sharpen) a task's full solutions no longer split its part: all of it goes to the
-    shortest, then the one written most over the whole batch (then most for the task; the first
-    where tied), and the others get 0. The agent then learns one program per kind of task, the
-    same one wherever it is right, not a blend of them. Shortest first: written most over the
-    batch alone, a 2-input task often taught ADD 0 ADD 1 HLT, since the 3-input tasks write it
-    too, and the agent's 4-input samples went wrong about one in 12 (module docstring).
-    The rarity divisor goes too: the search now solves nearly every task, and what is left to
-    learn is to write each task's one solution every time. With the divisor, a solution the
-    policy wrote in 100 of 128 rollouts weighed a hundredth of one found once in the climb, so
-    the buffer's oldest items kept the weight (seed 0 at 15 minutes: 58% of the priority on the
-    oldest fifth of the buffer).
-    """
-    share, found, best = collections.Counter(), collections.Counter(), {}
-    for i, r, c in zip(task_ids, rewards, copies):
-        share[i, r] += 1  # distinct programs of task i with reward r
-        found[i, r] += c  # rollouts of task i with reward r, copies included
-        best[i] = max(best.get(i, r), r)
-    chosen = {}  # consensus: task -> (how often written, index) of the one solution it keeps
-    if consensus:
-        written = collections.Counter()  # copies of each full solution, over the whole batch
-        for program, r, c in zip(programs, rewards, copies):
-            if r == 1.0:
-                written[tuple(program)] += c
-        for k, (i, program, r, c) in enumerate(zip(task_ids, programs, rewards, copies)):
-            key = (-len(program), written[tuple(program)], c)  # shortest, then written most
-            if r == 1.0 and (i not in chosen or key > chosen[i][0]):
-                chosen[i] = key, k
-
-    def part(k, i, r):  # program k's part of its task's priority for reward r
-        if consensus and r == 1.0:
-            return float(chosen[i][1] == k)
-        return 1 / share[i, r]
-
-    def rarity(i):  # the divisor of all task i's priorities
-        return 1 if consensus else found[i, best[i]] ** args.rarity
-
-    return [
-        priority(r, args.priority_exponent) * part(k, i, r) / rarity(i)
-        for k, (i, r) in enumerate(zip(task_ids, rewards))
-    ]
-
-
-def best_priorities(task_ids, credits, priorities):
-    """Priorities in the best buffer (--best_share) for one iteration's distinct programs:
-    each task's programs with its highest credit, if that is above 0, share the task's part in
-    proportion to their policy priorities (equal parts, or all to the consensus solution after
-    --sharpen), so each task weighs the same, solved or not; every other program gets 0.
-
-    This is the "filtering" of sampling & filtering kept as its own training stream. The
-    policy buffer's priorities give a solution about a million times the weight of a program
-    right on 1 of 6 pairs, so while only add-2 tasks get solved, the 3- and 4-input prompts get
-    almost no training: at iteration 32 of seed 0, 99.8% of the priority sat on add-2
-    solutions, the policy wrote a syntax error for 3 of 4 samples on 3-input tasks (`ADD 0 0 0
-    HLT`) and the search solved one in 1,024 of them. A task's best attempts there (`ADD 0
-    HLT`, right where the third input is 0) are one unit short of a solution. With a quarter of
-    each batch from this buffer, seed 0 left add-2 (3-input held-out at 25%) at iteration 12
-    rather than 42, and seed 1 at iteration 18 rather than never in 39 (README, "Measured").
-
-    The loop empties the best buffer at the --sharpen switch, from when it holds each task's
-    one solution. Kept, the climb's entries (equal splits of a task's right programs, wrong
-    best attempts) still had 43% of its weight 20 iterations later, since it takes in only
-    16-40 entries an iteration; emptied, seed 0 reached 100% at iteration 38 rather than 42, and
-    seed 1 stood at 97-98% at iterations 29-30 rather than 76-79% (README, "What we tried").
-    """
-    top, total = {}, collections.Counter()
-    for i, c in zip(task_ids, credits):
-        top[i] = max(top.get(i, c), c)
-    for i, c, p in zip(task_ids, credits, priorities):
-        total[i] += p if c == top[i] else 0.0
-    return [
-        p / total[i] if c == top[i] > 0 and total[i] > 0 else 0.0
-        for i, c, p in zip(task_ids, credits, priorities)
-    ]
+def task_priorities(task, programs, counts, rules, temperature):
+    """Policy-buffer priorities for the distinct programs stored for one task (see above).
+    counts[k] is how often programs[k] was written."""
+    inputs, outputs = task.test_inputs, task.test_outputs
+    if "allpairs" in rules:
+        inputs, outputs = task.train_inputs + inputs, task.train_outputs + outputs
+    rewards = [lmc.score(p, inputs, outputs)[1] for p in programs]
+    if not rules:  # the paper: priority is the reward, with a little for errors
+        return [max(r, 0.0) + 0.01 for r in rewards]
+    weights = [math.exp(r / temperature) for r in rewards]
+    if "tiebreak" in rules and 1.0 in rewards:  # one solution keeps the weight of all of them
+        solutions = [k for k, r in enumerate(rewards) if r == 1.0]
+        chosen = max(solutions, key=lambda k: (-len(programs[k]), counts[k]))
+        weights = [0.0 if k in solutions and k != chosen else w for k, w in enumerate(weights)]
+        weights[chosen] = math.exp(1.0 / temperature) * len(solutions)
+    if "twolevel" in rules:  # each task weighs 1 in all
+        weights = [w / sum(weights) for w in weights]
+    return weights
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1387,7 +1280,7 @@ def evaluate(model, tasks, args, generator, mcts=False):
     else:
         K = args.eval_rollouts
         programs = rollout(model, tasks, K, args.eval_temperature, 0.0, generator)
-        submitted = [best_of(t, programs[i * K : (i + 1) * K]) for i, t in enumerate(tasks)]
+        submitted = [filter_best(t, programs[i * K : (i + 1) * K]) for i, t in enumerate(tasks)]
     outcomes = [lmc.score(p, t.test_inputs, t.test_outputs)[0] for p, t in zip(submitted, tasks)]
     model.flops, model.tokens = flops, tokens
     solved = outcomes.count("9") / len(tasks)
@@ -1395,13 +1288,17 @@ def evaluate(model, tasks, args, generator, mcts=False):
     return solved, valid, submitted, outcomes
 
 
-def solved_by_size(tasks, outcomes):
-    """{number of inputs: (solved fraction, tasks)}: for add4, how the agent does on add-2, add-3
-    and add-4 apart (a task's size is the length of its input lists)."""
-    by_size = collections.defaultdict(list)
+def solved_by_group(tasks, outcomes):
+    """{group: (solved fraction, tasks)}, a group being a task's kind where the task file names
+    one, else its number of inputs (add4: how the agent does on add-2, add-3 and add-4 apart)."""
+    by_group = collections.defaultdict(list)
     for task, outcome in zip(tasks, outcomes):
-        by_size[len(task.train_inputs[0])].append(outcome == "9")
-    return {n: (sum(v) / len(v), len(v)) for n, v in sorted(by_size.items())}
+        by_group[task.kind or len(task.train_inputs[0])].append(outcome == "9")
+    return {g: (sum(v) / len(v), len(v)) for g, v in sorted(by_group.items(), key=str)}
+
+
+def group_name(tasks):
+    return "by kind" if tasks[0].kind else "by number of inputs"
 
 
 def show(model, tasks, args, generator):
@@ -1453,15 +1350,13 @@ def buffer_state(buffer):
         (t.train_inputs, t.train_outputs, t.test_inputs, t.test_outputs, list(p), o)
         for t, p, o in buffer.items
     ]
-    return dict(
-        capacity=buffer.capacity, items=items, priorities=buffer.priorities, next=buffer.next
-    )
+    return dict(items=items, priorities=buffer.priorities, iterations=buffer.iterations)
 
 
 def restore_buffer(state):
-    buffer = ReplayBuffer(state["capacity"])
+    buffer = ReplayBuffer()
     buffer.items = [(lmc.Task(*item[:4]), tuple(item[4]), item[5]) for item in state["items"]]
-    buffer.priorities, buffer.next = list(state["priorities"]), state["next"]
+    buffer.priorities, buffer.iterations = list(state["priorities"]), list(state["iterations"])
     return buffer
 
 
@@ -1605,7 +1500,7 @@ def run_ladder(args, device):
     snapshots = [load_checkpoint(os.path.join(snap_dir, p), device) for p in paths]
     saved = snapshots[0]["args"]
     args = check_args(args)
-    _, heldout = task_source(args)
+    _, heldout, _ = task_source(args)
     torch.manual_seed(saved["seed"])  # the same draw that built the run's model at iteration 0
     model = Transformer(saved["dim"], saved["n_layers"], saved["n_heads"]).to(device).eval()
     # a copy: loading a snapshot later overwrites the model's own tensors in place
@@ -1682,7 +1577,7 @@ def check_args(args):
         "max_num_considered_actions",
         "batch_size",
         "outcome_batch_size",
-        "buffer_size",
+        "buffer_iters",
         "show_every",
         "dim",
         "n_layers",
@@ -1700,15 +1595,13 @@ def check_args(args):
         "gumbel_scale",
         "c_visit",
         "c_scale",
-        "priority_exponent",
-        "rarity",
     ]:
         if getattr(args, key) < 0:
             raise UserError(f"--{key} must not be negative, got {getattr(args, key)}")
-    for key in ["gen_temperature", "eval_temperature", "lr"]:
+    for key in ["gen_temperature", "eval_temperature", "lr", "priority_temperature"]:
         if not getattr(args, key) > 0:
             raise UserError(f"--{key} must be positive, got {getattr(args, key)}")
-    for key in ["epsilon", "target", "best_share"]:
+    for key in ["epsilon", "target"]:
         if not 0 <= getattr(args, key) <= 1:
             raise UserError(f"--{key} must lie in 0..1, got {getattr(args, key)}")
     if args.dim % args.n_heads or (args.dim // args.n_heads) % 2:
@@ -1717,28 +1610,70 @@ def check_args(args):
         )
     if args.search not in SEARCHERS:
         raise UserError(f"--search {args.search} is not built yet")
+    if isinstance(args.replay, str):  # "tiebreak,allpairs" -> a list; "paper" -> no rule
+        rules = [] if args.replay == "paper" else args.replay.split(",")
+        unknown = [r for r in rules if r not in REPLAY_RULES]
+        if unknown:
+            raise UserError(
+                f"--replay: unknown rule {unknown[0]}; use 'paper' or some of "
+                + ",".join(REPLAY_RULES)
+            )
+        args.replay = [r for r in REPLAY_RULES if r in rules]
     return args
 
 
-def task_source(args):
-    """(tasks for iteration i, held-out tasks). A task family draws fresh training tasks each
-    iteration; a task file is searched round-robin and is its own held-out set."""
+def load_tasks(name, n, seed):
     try:
-        heldout = lmc.make_tasks(args.task, args.num_heldout, HELDOUT_SEED)
+        return lmc.make_tasks(name, n, seed)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if heldout[0].program is None:  # a task file
-        tasks = heldout
 
-        def draw(i):
-            return [tasks[(i * args.num_tasks + j) % len(tasks)] for j in range(args.num_tasks)]
+
+def task_source(args):
+    """(draw, heldout, about): draw(i) gives iteration i's training tasks, heldout the tasks the
+    agent is scored on, which it never trains on, and about says how many of each. A task family draws fresh training tasks from a seed
+    of its own each iteration. A task file is split with a fixed seed: a fifth of its tasks are
+    held out (or --heldout names a file of them), and training goes round the rest in a shuffled
+    order. At most --num_heldout held-out tasks are evaluated."""
+    heldout = load_tasks(args.heldout, None, None) if args.heldout else None
+    if lmc.is_task_file(args.task):
+        tasks = load_tasks(args.task, None, None)
+        check_context(tasks)
+        if heldout is None:  # hold out a fifth, the same fifth on every run
+            if len(tasks) < 2:
+                raise UserError(f"{args.task} has 1 task: a fifth is held out of at least 2")
+            order = random.Random("split").sample(range(len(tasks)), len(tasks))
+            n_heldout = max(1, len(tasks) // 5)
+            heldout = [tasks[k] for k in sorted(order[:n_heldout])]
+            tasks = [tasks[k] for k in sorted(order[n_heldout:])]
+        order = random.Random(f"order-{args.seed}").sample(tasks, len(tasks))
+
+        def draw(i):  # round the training tasks, num_tasks at a time
+            return [order[(i * args.num_tasks + j) % len(order)] for j in range(args.num_tasks)]
 
     else:
 
         def draw(i):
             return lmc.make_tasks(args.task, args.num_tasks, f"train-{args.seed}-{i}")
 
-    return draw, heldout
+    if heldout is None:
+        heldout = load_tasks(args.task, args.num_heldout, HELDOUT_SEED)
+    heldout = heldout[: args.num_heldout]
+    check_context(heldout)
+    n_train = f"{len(order)}" if lmc.is_task_file(args.task) else "new"
+    return draw, heldout, f"{n_train} training tasks, {len(heldout)} held out"
+
+
+def check_context(tasks):
+    """A clear error for a task whose prompt and longest program do not fit the model."""
+    for task in tasks:
+        need = len(prompt_bytes(task)) + SEGMENT * (MAX_LENGTH + 1) + N_TRIE
+        if need > MAX_POS:
+            raise UserError(
+                f"{task.source}: the prompt is {len(prompt_bytes(task))} bytes; with a "
+                f"{MAX_LENGTH}-unit program it needs {need} positions, and the model reads "
+                f"{MAX_POS}: use fewer or shorter examples"
+            )
 
 
 def fmt_flops(x):
@@ -1775,7 +1710,7 @@ def run(args):
         keep = {k: getattr(args, k) for k in where_when + shown_kept}
         args = argparse.Namespace(**{**vars(args), **state["args"], **keep})
     args = check_args(args)
-    draw, heldout = task_source(args)
+    draw, heldout, about = task_source(args)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "args.json"), "w") as f:  # what --plot labels the run by
         json.dump(vars(args), f)
@@ -1788,18 +1723,13 @@ def run(args):
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0
     )
-    policy_buffer, outcome_buffer = ReplayBuffer(args.buffer_size), ReplayBuffer(args.buffer_size)
-    best_buffer = ReplayBuffer(args.buffer_size)  # each task's best attempts (--best_share)
+    policy_buffer, outcome_buffer = ReplayBuffer(), ReplayBuffer()
     start_iter, flops_search, flops_train, elapsed0 = 0, 0.0, 0.0, 0.0
-    # the iteration after which each task teaches one solution (shared_priorities' consensus)
-    sharpened_at = -1 if args.sharpen == "always" else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         policy_buffer = restore_buffer(state["policy_buffer"])
         outcome_buffer = restore_buffer(state["outcome_buffer"])
-        if "best_buffer" in state:  # checkpoints from before the best buffer have none
-            best_buffer = restore_buffer(state["best_buffer"])
         gen.set_state(state["gen"])
         eval_gen.set_state(state["eval_gen"])
         start_iter, flops_search, flops_train = (
@@ -1808,11 +1738,10 @@ def run(args):
             state["flops_train"],
         )
         elapsed0 = state["elapsed_s"]
-        sharpened_at = state.get("sharpened_at", sharpened_at)
         print(f"resumed {ckpt_path} after iteration {state['iteration']}")
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"task {args.task} | search {args.search} | device {device} | "
+        f"task {args.task} ({about}) | search {args.search} | device {device} | "
         f"{n_params / 1e6:.2f}M parameters | "
         f"out {out_dir}"
     )
@@ -1829,8 +1758,7 @@ def run(args):
         # --- search: the expert writes programs for a fresh batch of training tasks
         tasks = draw(it)
         t0, flops0, tokens0 = time.time(), model.flops, model.tokens
-        sharp = sharpened_at is not None  # --sharpen: each task teaches one solution
-        best, trajectories = SEARCHERS[args.search](model, tasks, args, gen, sharp=sharp)
+        answers, written = SEARCHERS[args.search](model, tasks, args, gen)
         # the epsilon-greedy sampler feeds the outcome buffer with good and bad programs alike;
         # where MCTS admits no syntax error at any node, neither does this sampler
         grammar = args.search == "mcts" and args.mcts_mask == "tree"
@@ -1841,60 +1769,36 @@ def run(args):
         )
         search_s = time.time() - t0
         # MCTS runs num_simulations simulations for every code unit it writes
-        simulations = sum(map(len, best)) * args.num_simulations if args.search == "mcts" else 0
+        simulations = sum(map(len, answers)) * args.num_simulations if args.search == "mcts" else 0
         search_tokens = model.tokens - tokens0
         flops_search += model.flops - flops0
-        # rewards and outcomes come from the hidden test pairs (SPEC section 4), priorities
-        # from the credit on all the task's pairs (see credit)
-        # each distinct program once per task, remembering how often it was sampled (for
-        # --rarity): copies would multiply the weight of whatever the policy already writes
-        # most, and it collapses onto it (we measured this with HLT)
-        copies = collections.Counter((i, tuple(p)) for i, p in trajectories)
-        n_sampled = len(trajectories)
-        trajectories = list(copies)
-        scored = [
-            (i, p, *lmc.score(p, tasks[i].test_inputs, tasks[i].test_outputs))
-            for i, p in trajectories
-        ]
-        task_ids, credits = [i for i, *_ in scored], [credit(tasks[i], p) for i, p, *_ in scored]
-        shared = shared_priorities(
-            task_ids,
-            [p for _, p, *_ in scored],
-            credits,
-            [copies[i, p] for i, p, *_ in scored],
-            args,
-            consensus=sharp,
-        )
-        best_shared = best_priorities(task_ids, credits, shared)
-        for (i, program, outcome, _), p, q in zip(scored, shared, best_shared):
-            policy_buffer.add((tasks[i], program, outcome), p)
-            if q > 0:  # one of the task's best attempts
-                best_buffer.add((tasks[i], program, outcome), q)
-        rewards = [reward for *_, reward in scored]
+
+        # --- store: the programs and their priorities (the replay rule, above); the outcome
+        # recorded with each is its outcome on the hidden test pairs
+        for buffer in (policy_buffer, outcome_buffer):
+            buffer.age_out(it - args.buffer_iters + 1)
+        for task, answer, programs in zip(tasks, answers, written):
+            counts = collections.Counter(map(tuple, programs))
+            kept = list(counts) if "twolevel" in args.replay else [tuple(answer)]
+            copies = [counts[p] for p in kept]
+            weights = task_priorities(task, kept, copies, args.replay, args.priority_temperature)
+            for program, weight in zip(kept, weights):
+                outcome = lmc.score(program, task.test_inputs, task.test_outputs)[0]
+                policy_buffer.add((task, program, outcome), weight, it)
         R = max(args.outcome_rollouts, 1)
         for j, program in enumerate(outcome_programs):
             task = tasks[j // R]
             outcome, _ = lmc.score(program, task.test_inputs, task.test_outputs)
-            outcome_buffer.add((task, tuple(program), outcome), 1.0)
-        train_solved = sum(
-            lmc.score(p, t.test_inputs, t.test_outputs)[1] == 1.0 for p, t in zip(best, tasks)
-        ) / len(tasks)
-        if train_solved == 1.0 and sharpened_at is None and args.sharpen == "solved":
-            sharpened_at = it  # from the next iteration on: one solution per task
-            # the climb's attempts have done their part: the best buffer starts afresh, and the
-            # policy buffer's programs so far (rival and padded solutions among them) fade
-            best_buffer = ReplayBuffer(args.buffer_size)
-            policy_buffer.scale(CLIMB_FADE)
+            outcome_buffer.add((task, tuple(program), outcome), 1.0, it)
+        rewards = [lmc.score(p, t.test_inputs, t.test_outputs)[1] for p, t in zip(answers, tasks)]
+        train_solved = rewards.count(1.0) / len(tasks)
 
         # --- learn: next-token training on the replay buffers
         t0, flops0, tokens0 = time.time(), model.flops, model.tokens
         loss_policy = loss_outcome = float("nan")
         model.train()
         for _ in range(0 if args.no_train else args.train_steps):
-            # a --best_share of the policy batch comes task by task from the best attempts
-            n_best = round(args.best_share * args.batch_size) if len(best_buffer) else 0
-            drawn = policy_buffer.sample(args.batch_size - n_best, gen)
-            policy_batch = make_batch(drawn + best_buffer.sample(n_best, gen), "policy", device)
+            policy_batch = make_batch(policy_buffer.sample(args.batch_size, gen), "policy", device)
             outcome_batch = (
                 make_batch(outcome_buffer.sample(args.outcome_batch_size, gen), "outcome", device)
                 if len(outcome_buffer)
@@ -1911,7 +1815,7 @@ def run(args):
             model, heldout, args, eval_gen
         )
         elapsed = time.time() - t_start
-        n_programs = n_sampled + len(outcome_programs)  # every program written, copies too
+        n_programs = sum(map(len, written)) + len(outcome_programs)  # every program written
         row = dict(
             iter=it,
             elapsed_s=round(elapsed, 2),
@@ -1921,13 +1825,10 @@ def run(args):
             train_solved=train_solved,
             heldout_solved=heldout_solved,
             heldout_valid=heldout_valid,
-            # held-out solved by number of inputs, e.g. {"2": 0.97, "3": 0.59, "4": 0.11} on add4
-            heldout_by_size={str(n): f for n, (f, _) in solved_by_size(heldout, outcomes).items()},
+            # held-out solved by kind or number of inputs, e.g. {"2": 0.97, "3": 0.59} on add4
+            heldout_by={str(g): f for g, (f, _) in solved_by_group(heldout, outcomes).items()},
             mean_reward=sum(rewards) / len(rewards),
             policy_buffer=len(policy_buffer),
-            best_buffer=len(best_buffer),
-            # how much of the policy's training draws are programs that pass every test pair
-            buffer_solved=policy_buffer.share(lambda item: item[2] == "9"),
             outcome_buffer=len(outcome_buffer),
             loss_policy=None if math.isnan(loss_policy) else loss_policy,  # strict JSON: no NaN
             loss_outcome=None if math.isnan(loss_outcome) else loss_outcome,
@@ -1937,12 +1838,11 @@ def run(args):
             tokens_per_s=search_tokens / search_s,
             train_tokens_per_s=train_tokens / max(train_s, 1e-9),
             simulations_per_s=simulations / search_s,
-            sharpened_at=sharpened_at,  # None until the search has solved a whole batch
         )
         print(
             f"iter {it:3d} | train {train_solved:4.0%} | heldout {heldout_solved:4.0%} | "
             f"reward {row['mean_reward']:+.2f} | "
-            f"buf {len(policy_buffer)}/{len(best_buffer)}/{len(outcome_buffer)} | "
+            f"buf {len(policy_buffer)}/{len(outcome_buffer)} | "
             f"loss pi {loss_policy:.3f} out {loss_outcome:.3f} | search {search_s:4.1f}s "
             f"train {train_s:4.1f}s | {row['programs_per_s']:4.0f} prog/s "
             f"{row['tokens_per_s'] / 1e3:4.1f}k tok/s"
@@ -1953,19 +1853,13 @@ def run(args):
         )
         log_file.write(json.dumps(row) + "\n")
         log_file.flush()
-        if sharpened_at == it:
-            print(
-                "      the search solved every training task: from now on each task teaches one "
-                "solution, its shortest (then the one written most over the batch; --sharpen)"
-                + ("; MCTS searches without root noise" if args.search == "mcts" else "")
-            )
         if it % args.show_every == 0:
             t = heldout[0]
-            sizes = ", ".join(f"{n}: {f:.0%}" for n, f in row["heldout_by_size"].items())
+            sizes = ", ".join(f"{n}: {f:.0%}" for n, f in row["heldout_by"].items())
             print(
                 f"      held-out {prompt_bytes(t).decode().strip()} -> {' '.join(submitted[0])}"
                 f"  (test outcome {outcomes[0]})\n"
-                f"      held-out solved by number of inputs: {sizes}"
+                f"      held-out solved {group_name(heldout)}: {sizes}"
             )
         save_checkpoint(
             ckpt_path,
@@ -1978,10 +1872,8 @@ def run(args):
             elapsed_s=elapsed,
             gen=gen.get_state(),
             eval_gen=eval_gen.get_state(),
-            sharpened_at=sharpened_at,
             policy_buffer=buffer_state(policy_buffer),
             outcome_buffer=buffer_state(outcome_buffer),
-            best_buffer=buffer_state(best_buffer),
         )
         if args.snapshot_every and it % args.snapshot_every == 0:  # for --ladder
             os.makedirs(os.path.join(out_dir, "snapshots"), exist_ok=True)
@@ -2027,7 +1919,7 @@ def run_eval_only(args, device):
     model = Transformer(saved["dim"], saved["n_layers"], saved["n_heads"]).to(device)
     model.load_state_dict(state["model"])
     model.eval()
-    _, heldout = task_source(args)
+    _, heldout, _ = task_source(args)
     generator = torch.Generator().manual_seed(args.seed)
     if args.show:
         return show(model, heldout[:3], args, generator)
@@ -2040,12 +1932,12 @@ def run_eval_only(args, device):
         else f"best of {args.eval_rollouts} at temperature {args.eval_temperature}"
     )
     # the same, split by how many inputs a task's examples have (add4: 2, 3 or 4)
-    by_size = solved_by_size(heldout, outcomes)
+    by_size = solved_by_group(heldout, outcomes)
     sizes = ", ".join(f"{n}: {f:.0%} of {count}" for n, (f, count) in by_size.items())
     print(
         f"{args.ckpt} (trained on {saved['task']}, iteration {state['iteration']}) on "
         f"{len(heldout)} held-out {args.task} tasks, {how}: {solved:.0%} solved "
-        f"(by number of inputs: {sizes})"
+        f"({group_name(heldout)}: {sizes})"
     )
     return solved
 

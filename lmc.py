@@ -12,6 +12,10 @@ program, and every code unit, opcode or operand, is one line):
 
     python lmc.py "LDL 1 STA 0 LDL 9 SUB 0 BRP 7 HLT" 3 5
 
+Write a task file of 18 kinds of small tasks (20 each), to try exit.py on:
+
+    python lmc.py --mix mix.jsonl
+
 Where we depart from the paper:
 - Operands are single digits 0..9 (the paper's example uses LDL 10): the agent's vocabulary has 21
   code units, so literals, addresses and jump targets are all one digit.
@@ -173,6 +177,8 @@ class Task:
     test_inputs: list
     test_outputs: list
     program: tuple = None  # a reference solution, None where none is known
+    kind: str = None  # what kind of task it is, where known (a task file's optional "kind")
+    source: str = None  # where it came from, for error messages ("mix.jsonl line 12")
 
 
 def add_program(k):
@@ -232,7 +238,8 @@ def _check_pairs(inputs, outputs, what):
 
 def load_task_file(path):
     """Tasks from a JSON Lines file, one object a line with train_inputs, train_outputs,
-    test_inputs and test_outputs. Blank lines are skipped. Errors name the file and line."""
+    test_inputs and test_outputs, and optionally a "kind" (a name to report results by). Blank
+    lines are skipped. Errors name the file and line."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
@@ -254,10 +261,15 @@ def load_task_file(path):
             _check_pairs(obj["test_inputs"], obj["test_outputs"], "test")
         except ValueError as e:  # json.JSONDecodeError is a ValueError too
             raise ValueError(f"{path} line {lineno}: {e}") from None
-        tasks.append(Task(*(obj[k] for k in keys)))
+        kind = obj.get("kind")
+        tasks.append(Task(*(obj[k] for k in keys), kind=kind, source=f"{path} line {lineno}"))
     if not tasks:
         raise ValueError(f"{path}: no tasks in the file")
     return tasks
+
+
+def is_task_file(name):
+    return name.endswith(".jsonl") or "/" in name
 
 
 def make_tasks(name, n, seed):
@@ -266,7 +278,7 @@ def make_tasks(name, n, seed):
     The same arguments give the same tasks. A file gives its own tasks, its first n (all of them
     when n is None); its tasks carry no reference program.
     """
-    if name.endswith(".jsonl") or "/" in name:
+    if is_task_file(name):
         tasks = load_task_file(name)
         return tasks if n is None else tasks[:n]
     rng = random.Random(seed)
@@ -275,6 +287,66 @@ def make_tasks(name, n, seed):
     if name.startswith("add") and name[3:] in [str(k) for k in range(2, 10)]:
         return [make_add_task(int(name[3:]), rng) for _ in range(n)]
     raise ValueError(f"unknown task '{name}': use add2..add9, random, or a .jsonl task file")
+
+
+# ----------------------------------------------------------------------------------------------
+# A task mix: small tasks of many kinds, to try a task file on (python lmc.py --mix mix.jsonl)
+
+# kind: (reference program, number of inputs, lowest and highest input value). K stands for a
+# constant drawn per task (1..9). A task's outputs are its reference program's outputs.
+MIX_KINDS = {
+    "first": ("HLT", 2, 0, 9),
+    "second": ("LDA 0 HLT", 2, 0, 9),
+    "add": ("ADD 0 HLT", 2, 0, 9),
+    "subtract": ("SUB 0 HLT", 2, 0, 9),
+    "subtract_reversed": ("STA 1 LDA 0 SUB 1 HLT", 2, 0, 9),
+    "sum3": ("ADD 0 ADD 1 HLT", 3, 0, 9),
+    "add_sub": ("ADD 0 SUB 1 HLT", 3, 0, 9),
+    "double": ("STA 0 ADD 0 HLT", 1, 0, 9),
+    "negate": ("STA 0 SUB 0 SUB 0 HLT", 1, 0, 9),
+    "add_constant": ("ADDL K HLT", 1, 0, 9),
+    "subtract_constant": ("SUBL K HLT", 1, 0, 9),
+    "constant": ("LDL K HLT", 1, 0, 9),
+    "max": ("SUB 0 BRP 8 LDA 0 HLT ADD 0 HLT", 2, 0, 9),
+    "min": ("SUB 0 BRP 8 ADD 0 HLT LDA 0 HLT", 2, 0, 9),
+    "equal": ("SUB 0 BRZ 8 LDL 0 HLT LDL 1 HLT", 2, 0, 3),
+    "greater": ("SUB 0 BRP 8 LDL 0 HLT LDL 1 HLT", 2, 0, 9),
+    "relu": ("BRP 5 LDL 0 HLT", 1, -9, 9),
+    "abs": ("BRP 9 STA 0 SUB 0 SUB 0 HLT", 1, -9, 9),
+}
+
+
+def make_mix_task(kind, rng, n_train=4, n_test=3):
+    """One task of a MIX_KINDS kind. Where the reference program branches, its train pairs take
+    more than one path through it, and every path that a test pair takes."""
+    text, n, low, high = MIX_KINDS[kind]
+    program = tuple(text.replace("K", str(rng.randint(1, 9))).split())
+    while True:
+        inputs = [[rng.randint(low, high) for _ in range(n)] for _ in range(n_train + n_test)]
+        paths = []
+        for x in inputs:
+            trace = []
+            execute(program, x, trace)
+            paths.append(tuple(line for line, *_ in trace))
+        branches = any(unit.startswith("BR") for unit in program)
+        if set(paths[:n_train]) == set(paths) and len(set(paths)) > branches:
+            break
+    outputs = [run(program, x) for x in inputs]
+    train, test = slice(0, n_train), slice(n_train, None)
+    return Task(inputs[train], outputs[train], inputs[test], outputs[test], program, kind)
+
+
+def write_mix(path, per_kind=20, seed=0):
+    """Write per_kind tasks of every MIX_KINDS kind, in a seeded random order, as JSON Lines."""
+    rng = random.Random(seed)
+    tasks = [make_mix_task(kind, rng) for kind in MIX_KINDS for _ in range(per_kind)]
+    rng.shuffle(tasks)
+    with open(path, "w") as f:
+        for t in tasks:
+            row = dict(kind=t.kind, train_inputs=t.train_inputs, train_outputs=t.train_outputs)
+            row.update(test_inputs=t.test_inputs, test_outputs=t.test_outputs)
+            f.write(json.dumps(row) + "\n")
+    return tasks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +371,9 @@ def show_run(program, inputs):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--mix":
+        tasks = write_mix(sys.argv[2])
+        sys.exit(print(f"wrote {len(tasks)} tasks of {len(MIX_KINDS)} kinds to {sys.argv[2]}"))
     if len(sys.argv) < 3:
         sys.exit('usage: python lmc.py "PROGRAM" INPUT [INPUT ...]   e.g. "ADD 0 HLT" 3 5')
     try:

@@ -3,6 +3,7 @@ expectations. Run with `python -m pytest -q test_exit.py` (well under two minute
 
 import collections
 import json
+import math
 import os
 import sys
 
@@ -496,30 +497,39 @@ def test_rollout_draws_each_unit_from_its_states_policy(monkeypatch):
     assert (seen - expected).abs().max() < 0.02  # six standard errors at n = 4000
 
 
-def test_best_of_filters_on_train_pairs():
+def test_filter_best_filters_on_train_pairs():
     # train pairs say "add"; the hidden test pair is never consulted by the filter
     task = lmc.Task([[3, 5], [4, 8]], [8, 12], [[1, 1]], [999], None)
-    programs = [P("HLT"), P("ADD 0 HLT"), P("BRA 0 HLT"), P("LDA 0 ADD 0 SUB 0 ADD 0 HLT")]
-    assert ex.best_of(task, programs) == P("ADD 0 HLT")  # first of the two perfect ones
+    programs = [P("HLT"), P("ADD 0 ADDL 0 HLT"), P("ADD 0 HLT"), P("BRA 0 HLT")]
+    assert ex.filter_best(task, programs) == P("ADD 0 HLT")  # the shorter of the two
+    assert ex.filter_best(task, programs, tiebreak=False) == P("ADD 0 ADDL 0 HLT")
+
+
+def test_filter_best_ties_go_to_the_shortest_then_the_most_written():
+    task = lmc.Task([[3, 5, 0]], [8], [[1, 1, 0]], [2], None)
+    one, two = P("ADD 0 ADD 1 HLT"), P("ADD 1 ADD 0 HLT")
+    padded = P("ADD 0 ADD 1 ADD 2 HLT")
+    assert ex.filter_best(task, [padded] * 5 + [one, two, two]) == two  # written twice
+    assert ex.filter_best(task, [padded] * 5 + [one, two, one]) == one
+    assert ex.filter_best(task, [padded] * 5 + [one, two], tiebreak=False) == padded
 
 
 def test_sample_and_filter_keeps_each_tasks_best():
     args = argparse_namespace(num_rollouts=6, gen_temperature=1.5)
     tasks = lmc.make_tasks("add2", 3, 0)
-    best, trajectories = ex.sample_and_filter(
-        tiny_model(), tasks, args, torch.Generator().manual_seed(1)
-    )
-    assert len(best) == 3 and len(trajectories) == 18
+    generator = torch.Generator().manual_seed(1)
+    best, written = ex.sample_and_filter(tiny_model(), tasks, args, generator)
+    samples = ex.rollout(tiny_model(), tasks, 6, 1.5, 0.0, torch.Generator().manual_seed(1))
+    assert len(best) == 3 and written == [samples[i * 6 : (i + 1) * 6] for i in range(3)]
     for i, task in enumerate(tasks):
-        mine = [p for j, p in trajectories if j == i]
-        scores = [lmc.score(p, task.train_inputs, task.train_outputs)[1] for p in mine]
-        assert best[i] in mine
-        assert lmc.score(best[i], task.train_inputs, task.train_outputs)[1] == max(scores)
+        assert best[i] == ex.filter_best(task, written[i])
 
 
-def test_solved_by_size_splits_by_number_of_inputs():
+def test_solved_by_group_splits_by_number_of_inputs_or_kind():
     tasks = [lmc.Task([[1, 2]], [3], [[1, 1]], [2])] * 2 + [lmc.Task([[1, 2, 3]], [6], [[1]], [1])]
-    assert ex.solved_by_size(tasks, ["9", "3", "9"]) == {2: (0.5, 2), 3: (1.0, 1)}
+    assert ex.solved_by_group(tasks, ["9", "3", "9"]) == {2: (0.5, 2), 3: (1.0, 1)}
+    kinds = [lmc.Task([[1]], [1], [[1]], [1], kind=k) for k in ("max", "min", "max")]
+    assert ex.solved_by_group(kinds, ["9", "9", "0"]) == {"max": (0.5, 2), "min": (1.0, 1)}
 
 
 def argparse_namespace(**kw):
@@ -528,125 +538,76 @@ def argparse_namespace(**kw):
     return argparse.Namespace(**kw)
 
 
-def test_priority_higher_reward_drawn_more_often():
-    buffer = ex.ReplayBuffer(10)
-    buffer.add("good", ex.priority(1.0, 2))
-    buffer.add("partial", ex.priority(1 / 3, 2))
-    buffer.add("broken", ex.priority(-1.0, 2))
+# a task whose three hidden test pairs have 1 as second input: adding 1 passes them by luck
+LUCKY_TASK = lmc.Task([[8, 6], [7, 2], [8, 6]], [14, 9, 14], [[5, 1], [3, 1], [5, 1]], [6, 4, 6])
+
+
+def priorities(programs, rules, counts=None, T=0.25):
+    programs = [tuple(P(p)) for p in programs]
+    return ex.task_priorities(LUCKY_TASK, programs, counts or [1] * len(programs), rules, T)
+
+
+def test_priority_paper_rule_is_test_reward_plus_a_constant():
+    # the lucky program, a wrong one and a syntax error
+    assert priorities(["ADDL 1 HLT", "LDL 0 HLT", "ADD"], []) == pytest.approx([1.01, 0.01, 0.01])
+
+
+def test_priority_allpairs_counts_the_train_pairs_too():
+    # the lucky program is wrong on all 3 train pairs: half the pairs, not a solution
+    lucky, right = priorities(["ADDL 1 HLT", "ADD 0 HLT"], ["allpairs"])
+    assert lucky == pytest.approx(math.exp(0.5 / 0.25)) and right == pytest.approx(math.exp(4))
+    lucky, right = priorities(["ADDL 1 HLT", "ADD 0 HLT"], ["twolevel"])  # test pairs only
+    assert lucky == right == 0.5  # the lucky program passes for a solution
+
+
+def test_priority_ranks_solutions_partial_runs_and_errors():
+    # right, right on half the pairs, runs, syntax error (-1), no HLT (-2)
+    programs = ["ADD 0 HLT", "ADDL 1 HLT", "LDL 0 HLT", "ADD HLT", "ADD 0"]
+    got = priorities(programs, ["allpairs"])
+    assert got == pytest.approx([math.exp(r / 0.25) for r in (1, 0.5, 0, -1, -2)])
+
+
+def test_twolevel_gives_each_task_the_same_weight():
+    got = priorities(["ADD 0 HLT", "ADDL 1 HLT", "LDL 0 HLT"], ["twolevel", "allpairs"])
+    assert sum(got) == pytest.approx(1.0)
+    assert got[0] / got[1] == pytest.approx(math.exp(0.5 / 0.25))
+    assert priorities(["LDL 0 HLT"], ["twolevel"]) == [1.0]
+
+
+def test_tiebreak_gives_all_solutions_weight_to_the_shortest_then_most_written():
+    solutions = ["ADD 0 ADDL 0 HLT", "ADD 0 HLT", "ADDL 0 ADD 0 HLT", "ADD 0 SUBL 0 HLT"]
+    got = priorities(solutions + ["LDL 0 HLT"], ["tiebreak", "allpairs"])
+    assert got == pytest.approx([0, 4 * math.exp(4), 0, 0, 1.0])
+    got = priorities(solutions[2:] + ["LDL 0 HLT"], ["tiebreak", "allpairs"], counts=[1, 3, 1])
+    assert got == pytest.approx([0, 2 * math.exp(4), 1.0])  # equal length: written 3 times
+
+
+def test_higher_priority_drawn_more_often():
+    buffer = ex.ReplayBuffer()
+    buffer.add("good", 9.0, 0)
+    buffer.add("partial", 1.0, 0)
     draws = buffer.sample(5000, torch.Generator().manual_seed(0))
-    good, partial = draws.count("good"), draws.count("partial")
-    assert 7 < good / partial < 11  # 1 against 1/9
-    assert draws.count("broken") < 10  # priority 1e-5
+    assert 7 < draws.count("good") / draws.count("partial") < 11
 
 
-def test_default_priority_gives_lucky_partial_credit_little_weight():
-    e = ex.parser.get_default("priority_exponent")
-    # right on 2 of 6 pairs (a constant output can be, by chance) weighs about what running does
-    assert ex.priority(0.0, e) < ex.priority(1 / 3, e) < 3 * ex.priority(0.0, e)
-    assert ex.priority(1.0, e) > 20 * ex.priority(2 / 3, e)
+def test_replay_rules_parse_and_reject_unknown_ones():
+    args = ex.parser.parse_args(["--replay", "paper"])
+    assert ex.check_args(args).replay == []
+    args = ex.parser.parse_args(["--replay", "allpairs,twolevel"])
+    assert ex.check_args(args).replay == ["twolevel", "allpairs"]
+    assert ex.check_args(ex.parser.parse_args([])).replay == list(ex.REPLAY_RULES)
+    with pytest.raises(ex.UserError, match="unknown rule shortest"):
+        ex.check_args(ex.parser.parse_args(["--replay", "shortest"]))
 
 
-def test_priority_floor_prefers_programs_that_run():
-    runs, errs, truncated = ex.priority(0.0, 2), ex.priority(-1.0, 2), ex.priority(-2.0, 2)
-    assert runs == pytest.approx(10 * errs) and errs == pytest.approx(10 * truncated)
-    assert ex.priority(1 / 3, 2) > 100 * runs  # any pair passed outweighs the floor
-
-
-def test_credit_counts_the_train_pairs_too():
-    # hidden test pairs that happen to have 1 as second input: adding 1 passes them by luck
-    task = lmc.Task([[8, 6], [7, 2], [8, 6]], [14, 9, 14], [[5, 1], [3, 1], [5, 1]], [6, 4, 6])
-    lucky, right = ("ADDL", "1", "HLT"), ("ADD", "0", "HLT")
-    assert lmc.score(lucky, task.test_inputs, task.test_outputs) == ("9", 1.0)
-    assert ex.credit(task, lucky) == pytest.approx(0.5)  # wrong on all 3 train pairs
-    assert ex.credit(task, right) == 1.0
-    assert ex.credit(task, ("ADDL",)) == -2.0  # no HLT: errors keep their reward
-
-
-def test_shared_priorities_split_a_task_among_equal_programs():
-    args = argparse_namespace(priority_exponent=2.0, rarity=0.0)
-    # task 0: four different solutions (sampled 3, 1, 1, 1 times) and one wrong program;
-    # task 1: one solution. rarity 0: how often each was sampled does not matter
-    programs = ["a", "b", "c", "d", "wrong", "a"]
-    shared = ex.shared_priorities(
-        [0, 0, 0, 0, 0, 1], programs, [1.0, 1.0, 1.0, 1.0, 0.0, 1.0], [3, 1, 1, 1, 2, 1], args
-    )
-    assert sum(shared[:4]) == pytest.approx(shared[5])  # each task's solutions weigh the same
-    assert shared[0] == pytest.approx(shared[1])  # within a task, in equal parts
-    assert shared[4] == pytest.approx(ex.priority(0.0, 2))
-
-
-def test_rarity_favours_what_the_search_found_seldom():
-    args = argparse_namespace(priority_exponent=2.0, rarity=1.0)
-    # task 0's one solution was sampled 10 times, task 1's once
-    shared = ex.shared_priorities([0, 1], ["a", "b"], [1.0, 1.0], [10, 1], args)
-    assert shared[1] == pytest.approx(10 * shared[0])
-    args.rarity = 0.0  # off: both tasks weigh the same
-    shared = ex.shared_priorities([0, 1], ["a", "b"], [1.0, 1.0], [10, 1], args)
-    assert shared[0] == pytest.approx(shared[1])
-
-
-def test_rarity_keeps_a_tasks_right_programs_above_its_wrong_ones():
-    args = argparse_namespace(priority_exponent=2.0, rarity=1.0)
-    # one task: a solution sampled 50 times, a program right on 2 of 3 pairs sampled once.
-    # Dividing each reward by its own count would rank the wrong program 22 times higher.
-    right, wrong = ex.shared_priorities([0, 0], ["a", "b"], [1.0, 2 / 3], [50, 1], args)
-    assert right > wrong
-
-
-def test_consensus_gives_each_task_the_solution_written_most_over_the_batch():
-    args = argparse_namespace(priority_exponent=2.0, rarity=0.0)
-    # task 0 solved by "a" (sampled 3 times) and "b" (once); task 1 by "b" (5 times) and "c";
-    # over the batch "b" was written 6 times, "a" 3: both tasks teach "b" alone
-    tasks, programs = [0, 0, 0, 1, 1], ["a", "b", "wrong", "b", "c"]
-    rewards, copies = [1.0, 1.0, 0.0, 1.0, 1.0], [3, 1, 2, 5, 1]
-    equal = ex.shared_priorities(tasks, programs, rewards, copies, args)
-    assert equal[0] == pytest.approx(equal[1]) and equal[3] == pytest.approx(equal[4])
-    sharp = ex.shared_priorities(tasks, programs, rewards, copies, args, consensus=True)
-    assert sharp[0] == 0 and sharp[4] == 0
-    assert sharp[1] == pytest.approx(equal[0] + equal[1])  # the task's whole part, on "b"
-    assert sharp[3] == pytest.approx(sharp[1])
-    assert sharp[2] == pytest.approx(equal[2])  # programs that are not solutions: unchanged
-
-
-def test_consensus_takes_the_shortest_solution_first():
-    args = argparse_namespace(priority_exponent=2.0, rarity=0.0)
-    # a 2-input task solved by ADD 0 HLT (once) and by the padded ADD 0 ADD 1 HLT (9 times,
-    # and 20 more on a 3-input task): the 2-input task teaches the short one all the same
-    short, padded = ("ADD", "0", "HLT"), ("ADD", "0", "ADD", "1", "HLT")
-    sharp = ex.shared_priorities(
-        [0, 0, 1], [short, padded, padded], [1.0, 1.0, 1.0], [1, 9, 20], args, consensus=True
-    )
-    assert sharp[0] == pytest.approx(ex.priority(1.0, 2)) and sharp[1] == 0
-    assert sharp[2] == pytest.approx(ex.priority(1.0, 2))
-
-
-def test_consensus_drops_the_rarity_divisor():
-    args = argparse_namespace(priority_exponent=2.0, rarity=1.0)
-    # task 0's solution was sampled 10 times, task 1's once: while climbing, the rare one weighs
-    # 10 times more; once each task teaches one solution, both weigh a whole task's part
-    climbing = ex.shared_priorities([0, 1], ["a", "b"], [1.0, 1.0], [10, 1], args)
-    assert climbing[1] == pytest.approx(10 * climbing[0])
-    sharp = ex.shared_priorities([0, 1], ["a", "b"], [1.0, 1.0], [10, 1], args, consensus=True)
-    assert sharp == pytest.approx([ex.priority(1.0, 2)] * 2)
-
-
-def test_best_priorities_weigh_each_task_the_same():
-    # task 0: two solutions and a partial one; task 1 unsolved, its two best attempts right on
-    # 1 of 6 pairs; task 2 right on none; task 3 after --sharpen (all to one solution)
-    ids = [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
-    credits = [1.0, 1.0, 0.5, 1 / 6, 0.0, 1 / 6, 0.0, 0.0, 1.0, 1.0]
-    policy = [0.2, 0.2, 0.01, 1e-4, 1e-4, 2e-4, 1e-4, 1e-5, 1.0, 0.0]
-    best = ex.best_priorities(ids, credits, policy)
-    assert best == pytest.approx([0.5, 0.5, 0, 1 / 3, 0, 2 / 3, 0, 0, 1, 0])
-
-
-def test_replay_buffer_is_bounded_fifo():
-    buffer = ex.ReplayBuffer(3)
-    for i in range(5):
-        buffer.add(i, 1.0)
-    assert len(buffer) == 3 and sorted(buffer.items) == [2, 3, 4]
-    buffer.add(5, 3.0)  # replaces 2: items 3, 4, 5 with priorities 1, 1, 3
-    assert buffer.share(lambda x: x == 5) == pytest.approx(0.6)
+def test_replay_buffer_ages_out_old_iterations():
+    buffer = ex.ReplayBuffer()
+    for i in range(5):  # iterations 0 0 1 1 2
+        buffer.add((TASK, P(f"LDL {i} HLT"), "0"), float(i), iteration=i // 2)
+    buffer.age_out(1)
+    assert [p for _, p, _ in buffer.items] == [P(f"LDL {i} HLT") for i in (2, 3, 4)]
+    assert buffer.priorities == [2, 3, 4]
+    assert ex.restore_buffer(ex.buffer_state(buffer)).iterations == [1, 1, 2]
 
 
 def test_training_pieces_give_the_loss_and_gradient_of_one_block(monkeypatch):
@@ -732,8 +693,8 @@ def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys, mon
     }
     assert keys <= rows[0].keys() and rows[1]["flops"] > rows[0]["flops"] > 0
     assert 0 <= rows[1]["heldout_solved"] <= 1
-    assert set(rows[0]["heldout_by_size"]) == {"2"}  # add2: every task has 2 inputs
-    assert rows[0]["heldout_by_size"]["2"] == rows[0]["heldout_solved"]
+    assert set(rows[0]["heldout_by"]) == {"2"}  # add2: every task has 2 inputs
+    assert rows[0]["heldout_by"]["2"] == rows[0]["heldout_solved"]
     # programs/s counts every program written: 2 tasks x (2 rollouts + 1 outcome episode)
     assert rows[0]["programs_per_s"] * rows[0]["search_s"] == pytest.approx(6, rel=0.1)
     ex.main(["--task", "add2", "--max_iters", "3", "--out_dir", out, "--resume"] + TINY)
@@ -790,8 +751,7 @@ def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys, mon
 
 def test_a_resumed_run_is_the_run_never_stopped(tmp_path):
     # 3 iterations in one go, and 2 then 1 more after --resume: the same log and the same model
-    # (--best_share 1 trains the policy on the best buffer alone, so it too must be saved)
-    flags = ["--task", "add2", "--best_share", "1"] + TINY + ["--num_rollouts", "16"]
+    flags = ["--task", "add2"] + TINY + ["--num_rollouts", "16"]
     ex.main(flags + ["--max_iters", "3", "--out_dir", str(tmp_path / "a")])
     ex.main(flags + ["--max_iters", "2", "--out_dir", str(tmp_path / "b")])
     ex.main(flags + ["--max_iters", "3", "--out_dir", str(tmp_path / "b"), "--resume"])
@@ -801,49 +761,100 @@ def test_a_resumed_run_is_the_run_never_stopped(tmp_path):
     assert [{k: v for k, v in r.items() if k not in clock} for r in a] == [
         {k: v for k, v in r.items() if k not in clock} for r in b
     ]
-    assert a[1]["best_buffer"] > 0  # what the checkpoint after iteration 1 holds
+    assert a[1]["policy_buffer"] > 4  # what the checkpoint after iteration 1 holds
     models = [torch.load(tmp_path / run / "ckpt.pt", weights_only=False)["model"] for run in "ab"]
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
 
 
-def test_sharpen_starts_once_a_whole_batch_is_solved_and_survives_resume(
-    tmp_path, monkeypatch, capsys
-):
-    searched = []
+def test_store_keeps_one_program_per_task_for_buffer_iters_iterations(tmp_path, monkeypatch):
+    stored = []
 
-    def solve_all(model, tasks, args, generator, sharp):  # always writes ADD 0 HLT
-        searched.append(sharp)  # the searcher is told of the switch too (MCTS uses it)
-        program = ["ADD", "0", "HLT"]  # right on every add2 task
-        return [program] * len(tasks), [(i, program) for i in range(len(tasks))]
+    def solve(model, tasks, args, generator):  # ADD 0 HLT (right on add2) and HLT, each twice
+        written = [[P("ADD 0 HLT"), P("HLT"), P("ADD 0 HLT"), P("HLT")]] * len(tasks)
+        return [P("ADD 0 HLT")] * len(tasks), written
 
-    flags, real = [], ex.shared_priorities
-    monkeypatch.setitem(ex.SEARCHERS, "sf", solve_all)
+    monkeypatch.setitem(ex.SEARCHERS, "sf", solve)
+    real_add = ex.ReplayBuffer.add
     monkeypatch.setattr(
-        ex, "shared_priorities", lambda *a, **k: flags.append(k["consensus"]) or real(*a, **k)
+        ex.ReplayBuffer, "add", lambda self, x, p, it: stored.append(p) or real_add(self, x, p, it)
     )
-    out = str(tmp_path / "sharp")
-    ex.main(["--task", "add2", "--max_iters", "2", "--out_dir", out] + TINY)
+    out = str(tmp_path / "store")
+    tiny = TINY[:]
+    tiny[tiny.index("--outcome_rollouts") + 1] = "0"
+    flags = ["--task", "add2", "--max_iters", "3", "--buffer_iters", "2", "--out_dir", out]
+    ex.main(flags + tiny)
     rows = read_log(f"{out}/log.jsonl")
-    assert [r["sharpened_at"] for r in rows] == [0, 0]
-    # the switch empties the best buffer; then it takes each task's one solution (2 tasks)
-    assert [r["best_buffer"] for r in rows] == [0, 2]
-    # and it cuts the policy buffer's priorities so far: iteration 0's two solutions now weigh
-    # a thousandth of iteration 1's (one task's whole part each, undivided)
-    saved = torch.load(f"{out}/ckpt.pt", weights_only=False)["policy_buffer"]
-    weights = ex.restore_buffer(saved).priorities
-    assert weights[2:] == pytest.approx([ex.priority(1.0, 8.0)] * 2)
-    assert max(weights[:2]) <= ex.CLIMB_FADE * ex.priority(1.0, 8.0)
-    assert flags == [False, True]  # iteration 0 solved the batch; iteration 1 is sharpened
-    assert searched == flags
-    assert "each task teaches one solution" in capsys.readouterr().out
-    ex.main(["--task", "add2", "--max_iters", "3", "--out_dir", out, "--resume"] + TINY)
-    assert flags == [False, True, True]  # the resumed run stays sharpened
-    flags.clear()
-    ex.main(
-        ["--task", "add2", "--max_iters", "2", "--out_dir", out + "2", "--sharpen", "never"] + TINY
-    )
-    assert flags == [False, False]
-    assert [r["best_buffer"] for r in read_log(f"{out}2/log.jsonl")] == [2, 4]
+    # each distinct program once, per task (2 tasks) and iteration, for 2 iterations
+    assert [r["policy_buffer"] for r in rows] == [4, 8, 8]
+    assert [r["train_solved"] for r in rows] == [1.0] * 3
+    solution, hlt = stored[:2]  # HLT is wrong on every pair of these tasks, or nearly
+    assert solution + hlt == pytest.approx(1.0) and solution > 0.99
+    stored.clear()
+    ex.main(flags[:-1] + [out + "paper", "--replay", "paper"] + tiny)
+    assert [r["policy_buffer"] for r in read_log(f"{out}paper/log.jsonl")] == [2, 4, 4]
+    assert stored == pytest.approx([1.01] * 6)  # the filtered program alone, reward + 0.01
+
+
+def same_task(a, b):
+    return (a.train_inputs, a.test_inputs) == (b.train_inputs, b.test_inputs)
+
+
+@pytest.mark.parametrize("task", ["add3", "mix"])
+def test_no_heldout_task_ever_enters_a_buffer(tmp_path, task):
+    if task == "mix":
+        task = str(tmp_path / "mix.jsonl")
+        lmc.write_mix(task, per_kind=2)  # 36 tasks: 7 held out, 29 trained on
+    out = str(tmp_path / "run")
+    ex.main(["--task", task, "--max_iters", "4", "--out_dir", out] + TINY)
+    args = ex.check_args(ex.parser.parse_args(["--task", task] + TINY))
+    draw, heldout, about = ex.task_source(args)
+    state = torch.load(f"{out}/ckpt.pt", weights_only=False)
+    buffered = [ex.restore_buffer(state[b]).items for b in ("policy_buffer", "outcome_buffer")]
+    buffered = [t for items in buffered for t, _, _ in items]
+    assert len(buffered) >= 4 * 2 * 2  # 4 iterations x 2 tasks, in each of the two buffers
+    assert not any(same_task(t, h) for t in buffered for h in heldout)
+    if task.endswith(".jsonl"):
+        assert about == "29 training tasks, 3 held out"  # --num_heldout 3 of the 7 evaluated
+        args.num_heldout = 100
+        heldout = ex.task_source(args)[1]
+        assert len(heldout) == 7 and not any(same_task(t, h) for t in buffered for h in heldout)
+        trained = [t for i in range(15) for t in draw(i)]  # 30 draws go round all 29
+        everything = lmc.load_task_file(task)
+        assert all(any(same_task(t, x) for x in trained + heldout) for t in everything)
+
+
+def test_task_file_split_is_fixed_and_heldout_file_is_used_whole(tmp_path):
+    path, other = str(tmp_path / "mix.jsonl"), str(tmp_path / "other.jsonl")
+    lmc.write_mix(path, per_kind=2)
+    lmc.write_mix(other, per_kind=1, seed=1)
+    args = lambda *more: ex.check_args(ex.parser.parse_args(["--task", path, *more]))  # noqa
+    first, again = ex.task_source(args("--seed", "0"))[1], ex.task_source(args("--seed", "5"))[1]
+    assert len(first) == 7 and all(same_task(a, b) for a, b in zip(first, again))
+    draw, heldout, about = ex.task_source(args("--heldout", other))
+    assert about == "36 training tasks, 18 held out"
+    assert all(same_task(a, b) for a, b in zip(heldout, lmc.load_task_file(other)))
+
+
+def test_too_long_prompt_is_a_clear_error_naming_the_line(tmp_path, capsys):
+    path = tmp_path / "long.jsonl"
+    short = dict(train_inputs=[[1, 2]], train_outputs=[3], test_inputs=[[1]], test_outputs=[1])
+    long = dict(short, train_inputs=[[123456789] * 10] * 8, train_outputs=[1] * 8)
+    path.write_text("\n".join(json.dumps(t) for t in (short, short, long)) + "\n")
+    message = error_line(capsys, ["--task", str(path), "--out_dir", str(tmp_path / "r")])
+    assert f"{path} line 3: the prompt is" in message and "the model reads 1024" in message
+
+
+def test_mix_tasks_are_solved_by_their_reference_programs(tmp_path):
+    tasks = lmc.write_mix(str(tmp_path / "mix.jsonl"), per_kind=3)
+    assert len(tasks) == 3 * len(lmc.MIX_KINDS) >= 15 * 3
+    loaded = lmc.load_task_file(str(tmp_path / "mix.jsonl"))
+    for task, back in zip(tasks, loaded):
+        assert back.kind == task.kind and same_task(task, back)
+        assert len(task.train_inputs) == 4 and len(task.test_inputs) == 3
+        pairs = (task.train_inputs + task.test_inputs, task.train_outputs + task.test_outputs)
+        assert lmc.score(task.program, *pairs) == ("9", 1.0)
+        if any(u.startswith("BR") for u in task.program):  # both sides of the branch shown
+            assert len(set(task.train_outputs)) > 1 or task.kind == "max"
 
 
 def test_run_without_outcome_sampler(tmp_path):
@@ -1119,18 +1130,18 @@ def test_tree_mask_rules_out_syntax_errors_below_the_root(monkeypatch):
     assert np.all(leaves[(0,)] > floor) and np.all(leaves[(0, 11)] > floor)
 
 
-def test_sharp_mcts_searches_without_noise():
-    # after the --sharpen switch the root's Gumbel noise is off: whatever the generator, the
-    # trees write the same programs; before it, the noise makes them differ
+def test_mcts_noise_is_its_only_randomness():
+    # with gumbel_scale 0 the trees write the same programs whatever the generator; with the
+    # paper's noise they differ
     tasks = lmc.make_tasks("add4", 4, seed=0)
-    args = mcts_args(num_simulations=8)
 
-    def programs(seed, sharp):
+    def programs(seed, scale):
         generator = torch.Generator().manual_seed(seed)
-        return ex.gumbel_mcts(tiny_model(), tasks, args, generator, sharp=sharp)[0]
+        args = mcts_args(num_simulations=8, gumbel_scale=scale)
+        return ex.gumbel_mcts(tiny_model(), tasks, args, generator)[0]
 
-    assert programs(0, True) == programs(1, True) == programs(2, True)
-    assert len({str(programs(seed, False)) for seed in range(3)}) > 1
+    assert programs(0, 0.0) == programs(1, 0.0) == programs(2, 0.0)
+    assert len({str(programs(seed, 1.0)) for seed in range(3)}) > 1
 
 
 def test_interior_selection_never_picks_a_masked_action():
