@@ -1,121 +1,44 @@
 """
 exit.py: a language model teaches itself to program, by expert iteration.
 
-A ~3.5M-parameter Llama-style transformer starts from random weights and learns to write programs
-for the tiny accumulator machine in lmc.py from input/output examples alone, with no human-written
+A 3.5M-parameter Llama-style transformer starts from random weights and learns to write programs
+for the accumulator machine in lmc.py from input/output examples alone, with no human-written
 code. Each iteration it SEARCHES for programs on a batch of tasks, guided by its own policy and
-outcome predictions, puts every program it wrote into a replay buffer, and LEARNS from that buffer
-by next-token prediction, with high-reward programs drawn more often. This file implements
-"Towards self-improving language models for code generation" (../shared/seeds, sections 2-3,
-appendix C) top to bottom:
+outcome predictions, stores what it wrote in a replay buffer, and LEARNS from that buffer by
+next-token prediction, high-reward programs drawn more often. It implements "Towards
+self-improving language models for code generation" (section 2: method; 3.1: setup; appendix C:
+hyperparameters), top to bottom:
 
     tokenization -> model -> policy and value -> sampling & filtering -> Gumbel MCTS ->
-    replay buffers -> training step -> evaluation -> checkpoint -> main (the expert-iteration loop)
+    replay -> training step -> evaluation -> checkpoint -> experiments -> main (the loop)
 
 Run it:
-    python exit.py --task add4                  # learns add-2..4 from scratch; see the note below
+    python exit.py --task add4                  # learns add-2..4 from scratch
     python exit.py --task add4 --search mcts    # the same with Gumbel MCTS as the searcher
-    python exit.py --eval_only --ckpt runs/add4/ckpt.pt --task add6   # try a saved agent elsewhere
+    python exit.py --task mix.jsonl             # your own tasks; a fifth of them held out
+    python exit.py --eval runs/add4/ckpt.pt --task add6   # a saved agent, on other tasks
 
-How long: on a 2-core laptop CPU the first add4 iteration takes about 52-55 s, later ones 9-21 s
-(search a median 2.7-3.4 s, training 8.3-9.1 s, evaluation and checkpoint about 1.7 s). Seeds 0,
-1 and 2 reach 100% of held-out add4 at 478, 467 and 565 s (3.4e13-4.2e13 FLOPs; README,
-"Measured"). On an H100 the code of commit 17934e8, before the best buffer, reached 100% on
-seeds 0-2 in 68-108 s (6.8e13-1.2e14 FLOPs). Each iteration searches 16 tasks and trains the
-outcome predictor on 8 trajectories a step (table 3 fixes neither). With --search mcts (256
-simulations a decision) on a 2-core CPU about twice as fast (S&F's seed 0 there: 238 s), a
-later iteration takes 8-29 s (median 12 s, about 2,800-3,000 simulations/s), and seeds 0, 1 and
-2 reach 100% at 672, 544 and 518 s (6.2e13-8.3e13 FLOPs; README).
+On a 2-core laptop CPU the add4 demo takes minutes (the README has the measured times).
 
 Where we depart from the paper, and why:
-- Eq. 1 sums the log-probabilities of a code unit's bytes. We restrict each byte's distribution
-  to the bytes that can continue some code unit (after "BR" only A, Z or P) and write every unit
-  with a trailing space, so that ADD and ADDL are told apart. A trained model puts nearly all its
-  mass on those bytes anyway, so the two agree; but at random init every byte has probability
-  ~1/256, and the literal sum makes a digit 256^2 times likelier than HLT: the untrained agent
-  never halts, and learns only to write digits (we measured it).
-- The outcome slot "O:x" is read by the model as "O:?": the outcome is a training target only, so
-  no later position can copy it (SPEC section 5). The position that reads "?" predicts it (not the
-  one that reads ":", as plain next-token training would): "A:" also ends in ":", and an
-  untrained model, which sees little but the current byte, learned from the outcome targets
-  T and S to write STA at every step (we measured it). "?" appears nowhere else.
+- Eq. 1 sums the log-probabilities of a unit's bytes, each restricted to the bytes that can
+  continue some code unit; units end with a space (ADD vs ADDL). With all 256 bytes, a random
+  model makes a digit 256^2 times likelier than HLT, so the untrained agent never halts.
+- The model reads each outcome slot as "O:?" and predicts the outcome at the "?": the outcome is
+  a target only, so no later position can copy it, and "A:", which also ends in ":", stays a
+  place to write a code unit.
 - An outcome digit d is valued at d/9 (exact for 3 or 9 examples, close for 4).
-- Policy-buffer priority is the fraction of the task's pairs passed, the train pairs of the prompt
-  and the hidden test pairs alike (the authors' follow-up work counts examples passed; the reward
-  stored with a trajectory stays the test pairs' one, as in the paper), to the power 8
-  (--priority_exponent), plus a small floor that prefers programs that run over programs that
-  err; the outcome buffer is uniform. Counting the train pairs keeps out luck: three hidden pairs
-  drawn with replacement are sometimes degenerate, a program that ignores its inputs (ADDL 1 HLT)
-  passed them, and such rare "solutions" took the buffer at the start, so that seeds 1 and 5
-  never solved add-2; with all six pairs both start (README). With the power 2 we used before,
-  a constant program right on 1 of 3 pairs by chance (LDL 8 HLT) took the buffer in the same
-  way. The power 32, where partial credit counts for nothing, left seed 1 on add-2 for 10
-  minutes: partial credit is also the first rung from add-2 to add-3. Each distinct program
-  enters the policy buffer once per task and iteration, a task's programs with the same reward
-  share one priority, and all of a task's priorities are divided by how many of its rollouts
-  earned its best reward (--rarity 1) while the agent climbs. Without the first two, the agent
-  collapsed onto "HLT" (the shortest program with partial credit); without the sharing, the twenty
-  ways to solve an add-2 task drowned the one way to solve an add-3 task; without the division, an
-  add-2 solution the policy writes in half its samples weighed as much as an add-3 solution it found
-  once, and the search never got past add-2 in 10 minutes. (Dividing each reward by its own count
-  instead let a task's rare wrong programs outweigh its common right ones: held-out add4 stalled at
-  20-40% while the search solved every training task. All measured; README, "Measured".) A task's
-  full solutions split its part equally until the search first solves every task of a batch, and
-  from the next iteration all of it goes to one: the shortest, then the one written most over the
-  batch (--sharpen solved). Each half alone falls short: the equal split left one sample at
-  temperature 0.8 mixing several right programs into a wrong one (never 100% held-out in seven
-  H100 runs to 1.5e14 FLOPs); the sharp split from the start took seed 0 to 93% in 10 CPU minutes
-  but left seeds 1 and 2 on add-2, because the padded add-2 solutions it drops (ADD 0 ADD 1 HLT,
-  right because unused cells hold 0) are the rung to add-3. In turn, 8 of 9 H100 runs that
-  switched reached 100% by 1.2e14 FLOPs (README, "Measured"). At the switch the rarity divisor
-  goes too: a solution the policy now writes in most of its samples weighed a hundredth of one
-  found once in the climb, so the buffer's oldest items kept the weight. Dropping it took seed 0
-  from the switch to 100% in 9 iterations (5.8e13 FLOPs), where the same run with the divisor
-  stood at 61-80% (README). And at the switch the policy buffer's priorities are cut a
-  thousandfold (CLIMB_FADE), so that it teaches each task's one solution and little else: the
-  climb's rival solutions (ADD 1 ADD 0 HLT, padded ones) and, before the shortest came first, the
-  padded solutions a short task took from the batch (ADD 0 ADD 1 HLT, written on 2- and 3-input
-  tasks alike) held 6-15% of the priority at the end of the demo runs, the policy loss stayed at
-  0.02-0.05, and one sample in 12 on 4-input tasks was wrong, nearly always by a repeated operand
-  (ADD 0 ADD 1 ADD 1 HLT, ADD 0 ADD 1 ADD 2 ADD 1 HLT). Trained from the same checkpoint with
-  those priorities set to 0, the loss fell to 0.002-0.004 and 99% of samples were right within 32
-  steps. Resumed at seed 1's switch with the shortest and the fade, the agent reached 100%
-  held-out 7 iterations later; without them it never had in 16 (README, "Why sampling & filtering
-  stops short of 100%").
-- A quarter of each policy batch (--best_share) comes from a third buffer, the best buffer: each
-  task's programs with its highest credit (if above 0), every task weighing the same, solved or
-  not. The paper trains on the policy buffer alone. But there a solution outweighs a program
-  right on 1 of 6 pairs a million-fold, so while the agent solves only add-2 tasks, the 3- and
-  4-input prompts get almost no training, and it writes syntax errors for them: seeds 0 and 1
-  stood on add-2 for 35 iterations or more. With the best buffer they left it at iterations 12
-  and 18 (best_priorities; README). The --sharpen switch empties it, so that from then on it
-  holds each task's one solution and none of the climb's rival programs.
-- Each trajectory in a batch weighs the same in the loss (a mean over its own targets, then over
-  trajectories), so the priority alone decides how much a program is trained on. With a plain
-  mean over tokens, a rarely drawn 20-unit junk program outweighed the short programs that earn
-  reward; this change took 10 CPU minutes of add4 from 0% to 22-28% held-out.
-- The epsilon-greedy outcome sampler takes the policy's most likely unit, or with probability
-  epsilon a uniformly random one. With MCTS's mask at every node (the default) both keep to the
-  grammar: the paper fills this buffer with the states the search is likely to meet, and the
-  trees meet no syntax error. Without it the predictor learned that a random unit often makes
-  one and expected one where the trees could not reach it (seed 2's checkpoint valued the steps
-  of ADD 0 ADD 1 HLT at -0.86 to -0.33, where HLT alone is worth 0), and add4 seed 0 wrote HLT
-  for all of its 60 iterations; with it, seed 0 stood at 64% after 15 minutes (README).
-- MCTS: the environment admits no syntax error (the paper adds a leaf "if admissible by the
-  environment" and says no more), so the units that would make one are ruled out at every node:
-  at each search's root through mctx's invalid_actions, and below it by expand, which gives
-  them the float minimum as prior logits. mctx masks only the root and leaves the rest to the
-  environment's logits (GUMBEL.md, section 5); the search core stays mctx's. With 256
-  simulations it took add4 seeds 1 and 2 from 0% and 59% held-out after 15 minutes to 57% and
-  66%, and seed 0 from 48% to 0% (gumbel_mcts; README). --mcts_mask syntax masks the root only,
-  --mcts_mask none nothing.
-- MCTS, once the search has solved a whole batch (--sharpen's switch): the root draws no
-  Gumbel noise (gumbel_scale 0), so each state's unit is the search's deterministic pick, and
-  among equally good units (ADD 0 or ADD 1 first) the policy's favourite rather than a draw from
-  it: each kind of task teaches one solution, as S&F's consensus does. The paper keeps the noise
-  throughout. With it, the search wrote a reordered or padded solution for half the 3-input
-  tasks after the switch, and seed 0 of add4 never reached 100% in 15 minutes; without it,
-  seeds 0-2 did (gumbel_mcts has the counts; README).
+- Replay: the paper stores each task's best program and draws by reward; we store every
+  distinct program, each task weighing the same (a solved easy task must not drown an unsolved
+  hard one), a task's solutions count as one (so it teaches one solution, not a blend), and the
+  priority counts all of a task's pairs (so a lucky pass of degenerate test pairs is no solution).
+  --replay paper runs the paper's rule.
+- Each trajectory weighs the same in the loss (a mean over its targets, then over trajectories):
+  with a mean over tokens, long junk programs outweigh the short ones that earn reward.
+- MCTS rules out units that would make a syntax error at every node, not at the root alone as
+  mctx does (the paper adds a leaf "if admissible by the environment"), and its epsilon-greedy
+  outcome sampler keeps to the same grammar, so the outcome predictor learns the states the
+  trees can reach.
 - Held-out evaluation is measurement, not part of the method: its FLOPs are not counted.
 """
 
@@ -146,58 +69,37 @@ arg("--task", default="add4", help="add2..add9, random, or a .jsonl task file")
 arg("--num_tasks", type=int, default=16, help="training tasks searched per iteration")
 arg("--num_heldout", type=int, default=100, help="held-out tasks evaluated (at most)")
 arg("--heldout", metavar="FILE", help="held-out tasks (.jsonl); default: a fifth of a task file")
-arg("--target", type=float, default=1.0, help="stop at this held-out solved fraction")
 arg("--max_iters", type=int, default=200, help="stop after this many iterations")
 arg("--max_flops", type=float, default=0, help="stop once this many FLOPs are spent (0: no limit)")
-# model (paper 3.1)
+# model (paper 3.1: 4 layers, 4 heads)
 arg("--dim", type=int, default=256, help="model width")
-arg("--n_layers", type=int, default=4, help="transformer layers")
-arg("--n_heads", type=int, default=4, help="attention heads")
 # search
 arg("--search", default="sf", choices=["sf", "mcts"], help="the searcher")
 arg("--num_rollouts", type=int, default=128, help="S&F: samples per task")
 arg("--gen_temperature", type=float, help="S&F temperature (1.2 add, 1.5 random)")
 arg("--eval_temperature", type=float, help="held-out temperature (0.8 add, 1.0 random)")
-arg("--eval_rollouts", type=int, default=1, help="held-out: best of K samples on train pairs")
-arg("--epsilon", type=float, default=0.2, help="outcome sampler: chance of a random unit")
-arg("--outcome_rollouts", type=int, default=4, help="outcome sampler: episodes per task")
 arg("--num_simulations", type=int, default=256, help="MCTS: simulations per decision")
-arg("--max_num_considered_actions", type=int, default=16, help="MCTS: m of Gumbel-top-m")
 arg("--gumbel_scale", type=float, default=1.0, help="MCTS: scale of the root Gumbel noise")
-arg("--c_visit", type=float, default=50.0, help="MCTS: sigma's visit offset")
-arg("--c_scale", type=float, default=0.1, help="MCTS: sigma's value scale")
-arg("--mcts_prior", default="policy", choices=["policy", "uniform"], help="MCTS prior logits")
-arg("--mcts_value", default="model", choices=["model", "zero"], help="MCTS leaf values")
-arg(
-    "--mcts_mask",
-    default="tree",
-    choices=["tree", "syntax", "none"],
-    help="MCTS: rule out the units that make a syntax error at each root (syntax), at every node"
-    " (tree), or nowhere (none)",
-)
+arg("--mcts_guide", default="both", choices=["both", "policy", "value"], help="MCTS: what guides")
 # training
 arg("--lr", type=float, help="AdamW learning rate (2e-4 add, 5e-5 random)")
 arg("--batch_size", type=int, default=32, help="trajectories per policy batch")
-arg("--outcome_batch_size", type=int, default=8, help="trajectories per outcome batch")
 arg("--train_steps", type=int, default=8, help="gradient steps per iteration")
 arg("--buffer_iters", type=int, default=16, help="replay keeps the last N iterations' programs")
-arg("--replay", default="twolevel,tiebreak,allpairs", help="our replay rules, or 'paper'")
-arg("--priority_temperature", type=float, default=0.1, help="priority exp(reward / T)")
+arg("--replay", default="best,tiebreak,allpairs", help="our replay rules, or 'paper'")
 # system
 arg("--seed", type=int, default=0, help="one seed for the whole run")
 arg("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
 arg("--out_dir", help="log and checkpoint folder (default runs/<task>)")
 arg("--resume", action="store_true", help="continue the run saved in --out_dir")
-arg("--eval_only", action="store_true", help="evaluate --ckpt on --task, then exit")
-arg("--ckpt", help="checkpoint for --eval_only and --show")
-arg("--show", action="store_true", help="print how --ckpt writes programs for 3 held-out tasks")
-arg("--show_every", type=int, default=5, help="show a held-out program every N iterations")
+arg("--eval", metavar="CKPT", help="evaluate a checkpoint on --task's held-out tasks, then exit")
+arg("--show", metavar="CKPT", help="print how a checkpoint writes programs for 3 held-out tasks")
 # experiments (paper section 3): a baseline, snapshots, plots, the ladder
 arg("--no_train", action="store_true", help="search only, no gradient steps: the baseline")
 arg("--snapshot_every", type=int, default=0, help="keep the model every N iterations (0: off)")
 arg("--plot", nargs="+", metavar="RUN_DIR", help="draw held-out solved against FLOPs for runs")
 arg("--ladder", metavar="RUN_DIR", help="evaluate RUN_DIR's snapshots on --task at --budgets")
-arg("--budgets", default="1,16,64,256", help="ladder: S&F samples or MCTS simulations per task")
+arg("--budgets", help="S&F samples (best of) or MCTS simulations per task, e.g. 1,16,64,256")
 arg("--out", help="picture for --plot/--ladder; the series also go to a .csv beside it")
 
 # Appendix C, table 3: per task family (a task file uses the add settings)
@@ -206,6 +108,9 @@ FAMILY_DEFAULTS = {
     "random": dict(lr=5e-5, gen_temperature=1.5, eval_temperature=1.0),
 }
 HELDOUT_SEED = "heldout"  # training draws its tasks from f"train-{seed}": the streams never meet
+EPSILON = 0.2  # the outcome sampler's chance of a uniformly random unit
+OUTCOME_ROLLOUTS = 4  # the outcome sampler's episodes per task
+SHOW_EVERY = 5  # iterations between two held-out programs shown in the log
 
 
 class UserError(Exception):
@@ -277,9 +182,9 @@ class RMSNorm(nn.Module):
 def apply_rope(x, cos, sin):
     """Rotate channel pairs of x (B, H, T, hd) by position-dependent angles (B, 1, T, hd/2):
     (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos). That is the product of the complex numbers
-    x1 + i x2 and cos + i sin, and torch computes it so, to the same bits, about 5x faster on a
-    CPU than on the strided halves (which took a tenth of iteration 0's search). Apple's GPU
-    (mps) lacks complex numbers in some torch versions, so it takes the halves."""
+    x1 + i x2 and cos + i sin, and torch computes it so, to the same bits and faster on a CPU
+    than on the strided halves. Apple's GPU (mps) lacks complex numbers in some torch versions,
+    so it takes the halves."""
     if x.device.type == "mps":
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
@@ -420,8 +325,7 @@ class KVCache:
 
         Only the rows that change are copied, each a whole contiguous block. Rollouts call this
         at every step and leave most states in their rows (see rollout), so a step copies a few
-        rows where moving every row to a new place copied the whole cache (a quarter of the
-        first iteration's search time, when a random policy keeps 512 states apart).
+        rows, not the whole cache.
         """
         rows = [int(r) for r in rows]
         device = self.visible.device
@@ -590,8 +494,7 @@ class TreeCache:
     Here a leaf reads only its own step and the trie: it attends to its root's row of the roots'
     KVCache (prompt and program so far) and to the keys and values its ancestors' steps left in
     their slots when they were leaves, and leaves its own step's in a new slot for its children.
-    A call reads only the trees that asked for a leaf. (Measured in the README: the same trees,
-    figure for figure, in a third of the time.)
+    A call reads only the trees that asked for a leaf.
     """
 
     def __init__(self, model, roots, capacity):
@@ -806,14 +709,14 @@ def sample_and_filter(model, tasks, args, generator):
 
 
 # ----------------------------------------------------------------------------------------------
-# Gumbel MCTS (paper 2.4.2; Danihelka et al. 2022), deciding as DeepMind's mctx does (see
-# ../shared/GUMBEL.md). Conventions: one agent, no sign flips; rewards lie in [-2, 1] and are paid
-# only on the edge into a finished program (HLT or MAX_LENGTH units), which is a terminal node:
-# its edge has discount 0, so Q(s, a) = r there, and nothing is expanded below it. Elsewhere
-# Q(s, a) = V(child), where V is the running mean of the child's raw value and every return
-# backed up through it. The search core below knows nothing of language models: `expand` is
-# whatever gives (prior logits, value, reward, terminal) for a path, so tests and exercises can
-# run it on a hand-made tree.
+# Gumbel MCTS (paper 2.4.2; Danihelka et al., "Policy improvement by planning with Gumbel", 2022),
+# deciding as DeepMind's reference implementation mctx does. Conventions: one agent, no sign
+# flips; rewards lie in [-2, 1] and are paid only on the edge into a finished program (HLT or
+# MAX_LENGTH units), which is a terminal node: its edge has discount 0, so Q(s, a) = r there, and
+# nothing is expanded below it. Elsewhere Q(s, a) = V(child), where V is the running mean of the
+# child's raw value and every return backed up through it. The search core below knows nothing of
+# language models: `expand` is whatever gives (prior logits, value, reward, terminal) for a path,
+# so tests and exercises can run it on a hand-made tree.
 
 
 def get_sequence_of_considered_visits(m, n):
@@ -1014,47 +917,21 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
 
     One episode per task. At each state a fresh search of args.num_simulations simulations picks
     the next code unit, with the model's eq. 2 policy as prior logits and its outcome prediction
-    as leaf values; a finished program is valued by its score on the train pairs. All tasks' trees
-    advance in lockstep: each simulation makes one batched model call for the leaves of every
-    tree, and each leaf reads one step: the root's prompt and program stay in the KV cache, and
-    the steps below it in TreeCache.
-    --mcts_prior uniform and --mcts_value zero switch off the policy or the value (figure 5).
-    Returns (programs, written) like sample_and_filter, one program per task. With a list as
-    `trace`, each decision appends {task index: (root visit counts, action weights)}.
-
-    The environment admits no syntax error (the paper adds a leaf "if admissible by the
-    environment"): each search's root rules out the units that would make one, through mctx's
-    invalid_actions, and expand gives them the float minimum as prior logits at every node
-    below, so that eq. 3 never picks one (mctx leaves interior nodes to the environment's
-    logits). Every program written is well formed, and a tree below `ADD` tries an operand
-    rather than spending its visits on `ADD HLT`. The loop's outcome sampler then keeps to the
-    grammar too (rollout, grammar=True). --mcts_mask syntax masks the root only, --mcts_mask
-    none nothing; neither restricts the sampler.
-
-    Measured on add4 (README). Without any mask, 64 simulations: 32% held-out on seed 0, 0% on
-    seeds 1 and 2. With random weights the first search wrote HLT alone or long programs that
-    err; HLT runs, so the policy learned it, the outcome predictor learned that every other
-    unit leads to an error, and the trees reached only "X HLT", syntax errors one unit below
-    the root. The root mask took seeds 1 and 2 off HLT to the 2-input tasks (28-32%) and seed 0
-    onto HLT (0%); none left the add-2 plateau, as after ADD 0 the prior puts about e^-6 on ADD
-    and after ADD 0 ADD about e^-12 on operand 1. With 256 simulations the trees reach such
-    unlikely operands now and then: root mask 48%, 0% (HLT) and 59% after 15 minutes (seeds
-    0-2), the mask at every node 0%, 57% and 66%. Which seed falls into a trap moves with the
-    mask, but the trap stays. In one search of 16 2-input tasks from seed 0's last checkpoint
-    the trees reached `ADD 0 HLT` and none wrote it: the roots gave `ADD` 5 or 17 visits and
-    dropped it, and below `ADD` the trees finished `ADD 9 HLT` or `ADD 6 HLT`, the operands
-    the prior favours (the interior rule follows the prior until a value says otherwise), and
-    the outcome predictor, trained on a sampler free to err, expected a syntax error the trees
-    could not reach. With the sampler kept to the grammar as well (the default), all three
-    seeds climb: 64%, 47% and 49% after 15 minutes (commit aac9687). With each leaf reading one
-    step (TreeCache: one search from a late checkpoint took 6.4 s against 17.4 s before it) and
-    no root noise after the switch, all three reach 100%, at 672, 544 and 518 s.
+    as leaf values; a finished program is valued by its score on the train pairs. All tasks'
+    trees advance in lockstep: each simulation makes one batched model call for the new leaves
+    of every tree, and each leaf reads one step (the root's prompt and program stay in the KV
+    cache, the steps below it in TreeCache). The environment admits no syntax error: the units
+    that would make one are invalid actions at the root (mctx's mask) and get the float minimum
+    as prior logits below it, so that eq. 3 never picks them (mctx leaves interior nodes to the
+    environment's logits). --mcts_guide policy or value leaves the search the one alone (the other
+    uniform or zero: paper figure 5). Returns (programs, written) like sample_and_filter. With a list
+    as `trace`, each decision appends {task index: (root visit counts, action weights)}.
     """
     device = next(model.parameters()).device
 
     def ablate(prior, values):
-        prior = torch.zeros_like(prior) if args.mcts_prior == "uniform" else prior
-        values = torch.zeros_like(values) if args.mcts_value == "zero" else values
+        prior = torch.zeros_like(prior) if args.mcts_guide == "value" else prior  # uniform
+        values = torch.zeros_like(values) if args.mcts_guide == "policy" else values
         return prior.cpu().numpy(), values.cpu().numpy()
 
     cache = prefill(model, tasks, device)
@@ -1079,30 +956,25 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
                 leaves = [(row, tuple(units)) for row, (_, units) in model_rows.items()]
                 leaf_prior, leaf_values = ablate(*tree.read(model, leaves))
                 for j, (row, (k, units)) in enumerate(model_rows.items()):
-                    logits = leaf_prior[j]
-                    if args.mcts_mask == "tree":  # the grammar below the root too
-                        logits = mask_invalid(logits, syntax_errors(programs[active[row]] + units))
-                    results[k] = (logits, float(leaf_values[j]), 0.0, False)
+                    invalid = syntax_errors(programs[active[row]] + units)  # the grammar
+                    results[k] = (
+                        mask_invalid(leaf_prior[j], invalid),
+                        float(leaf_values[j]),
+                        0.0,
+                        False,
+                    )
             return results
 
-        # the environment admits no syntax error: the root rules those units out (mctx masks
-        # invalid actions at the root only; with --mcts_mask tree, expand rules them out below)
-        invalid = (
-            np.array([syntax_errors(programs[r]) for r in active])
-            if args.mcts_mask != "none"
-            else None
-        )
+        # the environment admits no syntax error: at the root through mctx's invalid actions
+        invalid = np.array([syntax_errors(programs[r]) for r in active])
         actions, weights, visits = gumbel_search(
             prior,
             values,
             expand,
             args.num_simulations,
-            args.max_num_considered_actions,
-            args.gumbel_scale,
-            args.c_visit,
-            args.c_scale,
-            generator,
-            invalid,
+            gumbel_scale=args.gumbel_scale,
+            generator=generator,
+            invalid_actions=invalid,
         )
         if trace is not None:
             trace.append({r: (visits[i], weights[i]) for i, r in enumerate(active)})
@@ -1129,23 +1001,21 @@ SEARCHERS = {"sf": sample_and_filter, "mcts": gumbel_mcts}
 # ----------------------------------------------------------------------------------------------
 # Replay (paper 2.3): what the policy trains on.
 # The policy buffer draws programs with probability proportional to a priority that grows with
-# their reward (prioritized replay, Schaul et al. 2015), so the agent trains most on what the
-# search solved: priority exp(reward / T), --priority_temperature T, so a solution is drawn
-# e^(1/T) times as often as a wrong program that runs, and errors least of all. The outcome
-# buffer holds the epsilon-greedy sampler's programs, drawn uniformly: the outcome predictor
-# must see bad programs too. Both keep what the last --buffer_iters iterations stored, so the
-# attempts of a weaker policy age out. --replay names which of our three rules to add to the
-# paper's own, which stores each task's filtered program with priority reward + 0.01:
-#   twolevel   store every distinct program the search wrote for a task, and give each task
-#              (each iteration) the same weight, shared by its programs in proportion to their
-#              priorities: solved or not, every task is trained on, and a task with twenty
-#              solutions does not outweigh a task with one;
-#   tiebreak   a task's solutions count as one, its shortest, then the one written most, so each
-#              task teaches one solution, not a blend of rival ones;
-#   allpairs   the reward behind the priority counts all the task's pairs, train and hidden
-#              test, so a program that passes a few degenerate test pairs by luck is no solution.
+# their reward, the paper's reward + 0.01 (prioritized replay, Schaul et al. 2015): the agent
+# trains most on what the search solved, some on partial solutions, hardly at all on the rest.
+# The outcome buffer draws the epsilon-greedy sampler's programs uniformly: the outcome predictor
+# must see bad programs too. Both keep the last --buffer_iters iterations, so old attempts age
+# out. The paper stores each task's filtered program; --replay names our three changes to that
+# (all by default; "paper" for none):
+#   best      a task's equally best programs share its priority, rather than the first taking
+#             it: early on, when a task's best is any program that runs, no one of them (HLT)
+#             takes all the training;
+#   tiebreak  a task's solutions count as one, the one written most, then the shortest: each
+#             task teaches the policy's favourite solution, not a blend of rival ones;
+#   allpairs  rewards count all the task's pairs, train and hidden test, so that a program that
+#             passes a few degenerate test pairs by luck is no solution.
 
-REPLAY_RULES = ("twolevel", "tiebreak", "allpairs")
+REPLAY_RULES = ("best", "tiebreak", "allpairs")
 
 
 class ReplayBuffer:
@@ -1178,24 +1048,44 @@ class ReplayBuffer:
         return [self.items[i] for i in picks.tolist()]
 
 
-def task_priorities(task, programs, counts, rules, temperature):
-    """Policy-buffer priorities for the distinct programs stored for one task (see above).
-    counts[k] is how often programs[k] was written."""
+def task_priorities(task, programs, counts, rules):
+    """Policy-buffer priorities for the distinct programs one task got in one iteration (see
+    above); counts[k] is how often programs[k] was written."""
     inputs, outputs = task.test_inputs, task.test_outputs
     if "allpairs" in rules:
         inputs, outputs = task.train_inputs + inputs, task.train_outputs + outputs
     rewards = [lmc.score(p, inputs, outputs)[1] for p in programs]
-    if not rules:  # the paper: priority is the reward, with a little for errors
-        return [max(r, 0.0) + 0.01 for r in rewards]
-    weights = [math.exp(r / temperature) for r in rewards]
-    if "tiebreak" in rules and 1.0 in rewards:  # one solution keeps the weight of all of them
-        solutions = [k for k, r in enumerate(rewards) if r == 1.0]
-        chosen = max(solutions, key=lambda k: (-len(programs[k]), counts[k]))
-        weights = [0.0 if k in solutions and k != chosen else w for k, w in enumerate(weights)]
-        weights[chosen] = math.exp(1.0 / temperature) * len(solutions)
-    if "twolevel" in rules:  # each task weighs 1 in all
-        weights = [w / sum(weights) for w in weights]
+    top = max(rewards)
+    best = [k for k, r in enumerate(rewards) if r == top]
+    if "tiebreak" in rules and top == 1.0:  # one solution: the most written, then the shortest
+        best = [max(best, key=lambda k: (counts[k], -len(programs[k])))]
+    elif "best" not in rules:  # the paper's filter: the first of the best
+        best = best[:1]
+    weights = [0.0] * len(programs)
+    for k in best:  # the task's best programs share the priority of its best reward
+        weights[k] = (max(top, 0.0) + 0.01) / len(best)
     return weights
+
+
+def store(policy_buffer, outcome_buffer, tasks, answers, written, outcome_programs, it, args):
+    """The store step: the search's programs into the policy buffer by the replay rule, the
+    outcome sampler's into the outcome buffer; each keeps its outcome on the hidden test pairs.
+    Both buffers first forget what is older than --buffer_iters iterations."""
+    for buffer in (policy_buffer, outcome_buffer):
+        buffer.age_out(it - args.buffer_iters + 1)
+    for task, answer, programs in zip(tasks, answers, written):
+        counts = collections.Counter(map(tuple, programs))
+        kept = list(counts) if args.replay else [tuple(answer)]  # the paper: S&F's filtered one
+        copies = [counts[p] for p in kept]
+        weights = task_priorities(task, kept, copies, args.replay)
+        for program, weight in zip(kept, weights):
+            if weight > 0:
+                outcome = lmc.score(program, task.test_inputs, task.test_outputs)[0]
+                policy_buffer.add((task, program, outcome), weight, it)
+    for j, program in enumerate(outcome_programs):
+        task = tasks[j // OUTCOME_ROLLOUTS]
+        outcome = lmc.score(program, task.test_inputs, task.test_outputs)[0]
+        outcome_buffer.add((task, tuple(program), outcome), 1.0, it)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1209,9 +1099,7 @@ def make_batch(trajectories, which, device):
     """Encoded trajectories as a list of (x, y) tensor pairs; y keeps only the `which` targets.
 
     The trajectories are sorted by length and cut into pieces of about PIECE, each padded to
-    its own longest. On late add4 buffers the policy batch's 32 (prompt ~65 bytes, programs of
-    1-20 units) are then 9-12% padding rather than 11-20% as one block, and a training step
-    took 0.91 s rather than 1.05 s (README, "What we tried").
+    its own longest, so that a batch of short and long programs wastes little on padding.
     """
     rows = [encode_trajectory(task, program, outcome) for task, program, outcome in trajectories]
     rows.sort(key=lambda r: len(r[0]))
@@ -1231,7 +1119,7 @@ def make_batch(trajectories, which, device):
 
 def train_step(model, optimizer, policy_batch, outcome_batch):
     """One AdamW step on the sum of the policy and outcome losses; returns both (nan for a
-    missing batch: the outcome buffer is empty when --outcome_rollouts is 0). Each batch is a
+    missing batch: the outcome buffer is empty in a --no_train run). Each batch is a
     list of pieces (make_batch); their gradients add up before the step."""
     losses = []
     optimizer.zero_grad(set_to_none=True)
@@ -1265,20 +1153,21 @@ def train_step(model, optimizer, policy_batch, outcome_batch):
 # Evaluation: held-out tasks, one submitted program each
 
 
-def evaluate(model, tasks, args, generator, mcts=False):
+def evaluate(model, tasks, args, generator, budget=1, mcts=False):
     """(held-out solved fraction, valid fraction, the submitted programs, their outcomes).
 
     The agent submits one program per task: one sample at args.eval_temperature, or the best of
-    args.eval_rollouts samples on the train pairs (or, with mcts=True, the program Gumbel MCTS
-    writes with args.num_simulations). A task is solved when that program passes all its hidden
-    test pairs; a program is valid when it halts without error. Evaluation is measurement, so
-    its FLOPs are not added to the run's.
+    `budget` samples on the train pairs (or, with mcts=True, the program Gumbel MCTS writes with
+    `budget` simulations a step). A task is solved when that program passes all its hidden test
+    pairs; a program is valid when it halts without error. Evaluation is measurement, so its
+    FLOPs are not added to the run's.
     """
     flops, tokens = model.flops, model.tokens
     if mcts:
+        args = argparse.Namespace(**{**vars(args), "num_simulations": budget})
         submitted = gumbel_mcts(model, tasks, args, generator)[0]
     else:
-        K = args.eval_rollouts
+        K = budget
         programs = rollout(model, tasks, K, args.eval_temperature, 0.0, generator)
         submitted = [filter_best(t, programs[i * K : (i + 1) * K]) for i, t in enumerate(tasks)]
     outcomes = [lmc.score(p, t.test_inputs, t.test_outputs)[0] for p, t in zip(submitted, tasks)]
@@ -1399,12 +1288,7 @@ def run_label(run_dir):
     a = json.load(open(path))
     if a["search"] == "mcts":
         label = f"{a['task']} MCTS {a['num_simulations']} sims"
-        label += " uniform prior" * (a["mcts_prior"] == "uniform")
-        label += " zero value" * (a["mcts_value"] == "zero")
-        # runs from before the mask was built have no such key: nothing was masked
-        label += {"tree": "", "syntax": " root mask", "none": " no mask"}[
-            a.get("mcts_mask", "none")
-        ]
+        label += {"both": "", "policy": " policy only", "value": " value only"}[a["mcts_guide"]]
     else:
         label = f"{a['task']} S&F {a['num_rollouts']} rollouts"
     return label + " no training" * bool(a.get("no_train")) + f" seed {a['seed']}"
@@ -1484,11 +1368,7 @@ def run_ladder(args, device):
     """Figure 2: every snapshot of a run, evaluated on --task's held-out tasks at each search
     budget (best of B samples for S&F, B simulations per step for MCTS). The stage "untrained"
     is the run's own initial weights, rebuilt from its seed."""
-    try:
-        budgets = [int(b) for b in args.budgets.split(",")]
-        assert min(budgets) >= 1
-    except (ValueError, AssertionError):
-        raise UserError(f"--budgets must be positive integers like 1,16,64, got {args.budgets}")
+    budgets = parse_budgets(args, "1,16,64,256")
     snap_dir = os.path.join(args.ladder, "snapshots")
     paths = (
         sorted(p for p in os.listdir(snap_dir) if p.endswith(".pt"))
@@ -1502,7 +1382,7 @@ def run_ladder(args, device):
     args = check_args(args)
     _, heldout, _ = task_source(args)
     torch.manual_seed(saved["seed"])  # the same draw that built the run's model at iteration 0
-    model = Transformer(saved["dim"], saved["n_layers"], saved["n_heads"]).to(device).eval()
+    model = Transformer(saved["dim"]).to(device).eval()
     # a copy: loading a snapshot later overwrites the model's own tensors in place
     stages = [("untrained", {k: v.clone() for k, v in model.state_dict().items()})]
     stages += [(f"iteration {s['iteration']}", s["model"]) for s in snapshots]
@@ -1513,9 +1393,8 @@ def run_ladder(args, device):
         model.load_state_dict(weights)
         solved = []
         for b in budgets:
-            a = argparse.Namespace(**{**vars(args), "eval_rollouts": b, "num_simulations": b})
             gen = torch.Generator().manual_seed(args.seed)
-            solved.append(evaluate(model, heldout, a, gen, mcts=args.search == "mcts")[0])
+            solved.append(evaluate(model, heldout, args, gen, b, args.search == "mcts")[0])
             results.append([stage, b, solved[-1]])
         print(f"  {stage:>14s}: " + "  ".join(f"{b}: {s:4.0%}" for b, s in zip(budgets, solved)))
     out = args.out or os.path.join(args.ladder, f"ladder_{args.task}.png")
@@ -1568,46 +1447,19 @@ def check_args(args):
     for key, value in FAMILY_DEFAULTS[family].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    positive = [
-        "num_tasks",
-        "num_heldout",
-        "num_rollouts",
-        "eval_rollouts",
-        "num_simulations",
-        "max_num_considered_actions",
-        "batch_size",
-        "outcome_batch_size",
-        "buffer_iters",
-        "show_every",
-        "dim",
-        "n_layers",
-        "n_heads",
-    ]
-    for key in positive:
+    for key in ["num_tasks", "num_heldout", "num_rollouts", "num_simulations", "batch_size"]:
         if getattr(args, key) < 1:
             raise UserError(f"--{key} must be at least 1, got {getattr(args, key)}")
-    for key in [
-        "outcome_rollouts",
-        "train_steps",
-        "max_iters",
-        "snapshot_every",
-        "max_flops",
-        "gumbel_scale",
-        "c_visit",
-        "c_scale",
-    ]:
-        if getattr(args, key) < 0:
+    for key in ["buffer_iters", "train_steps", "max_iters", "snapshot_every", "max_flops"]:
+        if getattr(args, key) < 0 or (key == "buffer_iters" and args.buffer_iters < 1):
             raise UserError(f"--{key} must not be negative, got {getattr(args, key)}")
-    for key in ["gen_temperature", "eval_temperature", "lr", "priority_temperature"]:
+    for key in ["gen_temperature", "eval_temperature", "lr"]:
         if not getattr(args, key) > 0:
             raise UserError(f"--{key} must be positive, got {getattr(args, key)}")
-    for key in ["epsilon", "target"]:
-        if not 0 <= getattr(args, key) <= 1:
-            raise UserError(f"--{key} must lie in 0..1, got {getattr(args, key)}")
-    if args.dim % args.n_heads or (args.dim // args.n_heads) % 2:
-        raise UserError(
-            f"--dim {args.dim} must split into --n_heads {args.n_heads} even-sized heads"
-        )
+    if args.gumbel_scale < 0:
+        raise UserError(f"--gumbel_scale must not be negative, got {args.gumbel_scale}")
+    if args.dim < 8 or args.dim % 8:  # 4 heads, each of an even size (rotary pairs)
+        raise UserError(f"--dim must be a positive multiple of 8, got {args.dim}")
     if args.search not in SEARCHERS:
         raise UserError(f"--search {args.search} is not built yet")
     if isinstance(args.replay, str):  # "tiebreak,allpairs" -> a list; "paper" -> no rule
@@ -1631,10 +1483,11 @@ def load_tasks(name, n, seed):
 
 def task_source(args):
     """(draw, heldout, about): draw(i) gives iteration i's training tasks, heldout the tasks the
-    agent is scored on, which it never trains on, and about says how many of each. A task family draws fresh training tasks from a seed
-    of its own each iteration. A task file is split with a fixed seed: a fifth of its tasks are
-    held out (or --heldout names a file of them), and training goes round the rest in a shuffled
-    order. At most --num_heldout held-out tasks are evaluated."""
+    agent is scored on, which it never trains on, and about says how many of each. A task family
+    draws fresh training tasks from a seed of its own each iteration. A task file is split with
+    a fixed seed: a fifth of its tasks are held out (or --heldout names a file of them), and
+    training goes round the rest in a shuffled order. At most --num_heldout held-out tasks are
+    evaluated."""
     heldout = load_tasks(args.heldout, None, None) if args.heldout else None
     if lmc.is_task_file(args.task):
         tasks = load_tasks(args.task, None, None)
@@ -1676,10 +1529,6 @@ def check_context(tasks):
             )
 
 
-def fmt_flops(x):
-    return f"{x:.2e}"
-
-
 def main(argv=None):
     args = parser.parse_args(argv)
     try:
@@ -1689,147 +1538,155 @@ def main(argv=None):
         sys.exit(1)
 
 
+def start(args, device, state=None):
+    """Everything a run carries from one iteration to the next, new or from a checkpoint."""
+    torch.manual_seed(args.seed)  # seed once; every random choice flows from these generators
+    model = Transformer(args.dim).to(device)
+    s = argparse.Namespace(
+        model=model,
+        optimizer=torch.optim.AdamW(
+            model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0
+        ),
+        policy_buffer=ReplayBuffer(),
+        outcome_buffer=ReplayBuffer(),
+        gen=torch.Generator().manual_seed(args.seed),  # search and replay sampling
+        eval_gen=torch.Generator().manual_seed(args.seed + 1),  # held-out sampling
+        iteration=-1,
+        flops_search=0.0,
+        flops_train=0.0,
+        elapsed_s=0.0,
+    )
+    if state is not None:
+        s.model.load_state_dict(state["model"])
+        s.optimizer.load_state_dict(state["optimizer"])
+        s.policy_buffer = restore_buffer(state["policy_buffer"])
+        s.outcome_buffer = restore_buffer(state["outcome_buffer"])
+        s.gen.set_state(state["gen"])
+        s.eval_gen.set_state(state["eval_gen"])
+        for key in ("iteration", "flops_search", "flops_train", "elapsed_s"):
+            setattr(s, key, state[key])
+    return s
+
+
+def save(path, s, args):
+    save_checkpoint(
+        path,
+        model=s.model.state_dict(),
+        optimizer=s.optimizer.state_dict(),
+        policy_buffer=buffer_state(s.policy_buffer),
+        outcome_buffer=buffer_state(s.outcome_buffer),
+        gen=s.gen.get_state(),
+        eval_gen=s.eval_gen.get_state(),
+        args=vars(args),
+        **{k: getattr(s, k) for k in ("iteration", "flops_search", "flops_train", "elapsed_s")},
+    )
+
+
+def log_line(row, simulations):
+    """The iteration's one line on the terminal (the full row goes to log.jsonl)."""
+    loss = [float("nan") if row[k] is None else row[k] for k in ("loss_policy", "loss_outcome")]
+    sims = f" {row['simulations_per_s']:4.0f} sim/s" if simulations else ""
+    return (
+        f"iter {row['iter']:3d} | train {row['train_solved']:4.0%} | "
+        f"heldout {row['heldout_solved']:4.0%} | reward {row['mean_reward']:+.2f} | "
+        f"buf {row['policy_buffer']}/{row['outcome_buffer']} | "
+        f"loss pi {loss[0]:.3f} out {loss[1]:.3f} | search {row['search_s']:4.1f}s "
+        f"train {row['train_s']:4.1f}s | {row['programs_per_s']:4.0f} prog/s "
+        f"{row['tokens_per_s'] / 1e3:4.1f}k tok/s{sims} | {row['flops']:.2e} FLOPs | "
+        f"{row['elapsed_s']:5.0f}s"
+    )
+
+
 def run(args):
     if args.plot:
         return plot_runs(args.plot, args.out or "plot.png")
     device = pick_device(args.device)
-    if args.eval_only or args.show:
+    if args.eval or args.show:
         return run_eval_only(args, device)
     if args.ladder:
         return run_ladder(args, device)
-    out_dir = args.out_dir or os.path.join(
-        "runs", os.path.basename(args.task).removesuffix(".jsonl")
-    )
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    name = os.path.basename(args.task).removesuffix(".jsonl")
+    out_dir = args.out_dir or os.path.join("runs", name)
+    ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
     state = None
-    if args.resume:
+    if args.resume:  # the saved run's settings, but where to run, when to stop, what to keep
         state = load_checkpoint(ckpt_path, device)
-        # the saved run's settings, except where to run, when to stop and what to show or keep
-        where_when = ("device", "out_dir", "max_iters", "max_flops", "target")
-        shown_kept = ("show_every", "snapshot_every")
-        keep = {k: getattr(args, k) for k in where_when + shown_kept}
+        keep = ("device", "out_dir", "max_iters", "max_flops", "snapshot_every")
+        keep = {k: getattr(args, k) for k in keep}
         args = argparse.Namespace(**{**vars(args), **state["args"], **keep})
     args = check_args(args)
     draw, heldout, about = task_source(args)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "args.json"), "w") as f:  # what --plot labels the run by
         json.dump(vars(args), f)
-
-    # seed once; every random choice below flows from these generators
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)  # search and replay sampling
-    eval_gen = torch.Generator().manual_seed(args.seed + 1)  # held-out sampling
-    model = Transformer(args.dim, args.n_layers, args.n_heads).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0
-    )
-    policy_buffer, outcome_buffer = ReplayBuffer(), ReplayBuffer()
-    start_iter, flops_search, flops_train, elapsed0 = 0, 0.0, 0.0, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        policy_buffer = restore_buffer(state["policy_buffer"])
-        outcome_buffer = restore_buffer(state["outcome_buffer"])
-        gen.set_state(state["gen"])
-        eval_gen.set_state(state["eval_gen"])
-        start_iter, flops_search, flops_train = (
-            state["iteration"] + 1,
-            state["flops_search"],
-            state["flops_train"],
-        )
-        elapsed0 = state["elapsed_s"]
-        print(f"resumed {ckpt_path} after iteration {state['iteration']}")
-    n_params = sum(p.numel() for p in model.parameters())
+    s = start(args, device, state)
+    model, gen = s.model, s.gen
     print(
         f"task {args.task} ({about}) | search {args.search} | device {device} | "
-        f"{n_params / 1e6:.2f}M parameters | "
-        f"out {out_dir}"
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | out {out_dir}"
     )
-
-    t_start = time.time() - elapsed0
-    log_path = os.path.join(out_dir, "log.jsonl")
-    kept = []
-    if state is not None and os.path.exists(log_path):  # drop rows logged after the checkpoint
-        kept = [line for line in open(log_path) if json.loads(line)["iter"] <= state["iteration"]]
+    if state is not None:
+        print(f"resumed {ckpt_path} after iteration {s.iteration}")
+    kept = []  # log rows up to the checkpoint; later ones are dropped
+    if state is not None and os.path.exists(log_path):
+        kept = [line for line in open(log_path) if json.loads(line)["iter"] <= s.iteration]
     log_file = open(log_path, "w")
     log_file.writelines(kept)
-    heldout_solved = 0.0
-    for it in range(start_iter, args.max_iters):
+    t_start = time.time() - s.elapsed_s
+    for it in range(s.iteration + 1, args.max_iters):
         # --- search: the expert writes programs for a fresh batch of training tasks
         tasks = draw(it)
         t0, flops0, tokens0 = time.time(), model.flops, model.tokens
         answers, written = SEARCHERS[args.search](model, tasks, args, gen)
-        # the epsilon-greedy sampler feeds the outcome buffer with good and bad programs alike;
-        # where MCTS admits no syntax error at any node, neither does this sampler
-        grammar = args.search == "mcts" and args.mcts_mask == "tree"
-        outcome_programs = (
-            rollout(model, tasks, args.outcome_rollouts, 0.0, args.epsilon, gen, grammar)
-            if args.outcome_rollouts and not args.no_train
-            else []
+        # the epsilon-greedy sampler writes good and bad programs for the outcome predictor;
+        # with MCTS, which admits no syntax error, it keeps to the same grammar
+        outcome_programs = []
+        if not args.no_train:
+            grammar = args.search == "mcts"
+            outcome_programs = rollout(model, tasks, OUTCOME_ROLLOUTS, 0.0, EPSILON, gen, grammar)
+        search_s, search_tokens = time.time() - t0, model.tokens - tokens0
+        s.flops_search += model.flops - flops0
+
+        # --- store: what the search wrote goes into the replay buffers
+        store(
+            s.policy_buffer, s.outcome_buffer, tasks, answers, written, outcome_programs, it, args
         )
-        search_s = time.time() - t0
-        # MCTS runs num_simulations simulations for every code unit it writes
-        simulations = sum(map(len, answers)) * args.num_simulations if args.search == "mcts" else 0
-        search_tokens = model.tokens - tokens0
-        flops_search += model.flops - flops0
 
-        # --- store: the programs and their priorities (the replay rule, above); the outcome
-        # recorded with each is its outcome on the hidden test pairs
-        for buffer in (policy_buffer, outcome_buffer):
-            buffer.age_out(it - args.buffer_iters + 1)
-        for task, answer, programs in zip(tasks, answers, written):
-            counts = collections.Counter(map(tuple, programs))
-            kept = list(counts) if "twolevel" in args.replay else [tuple(answer)]
-            copies = [counts[p] for p in kept]
-            weights = task_priorities(task, kept, copies, args.replay, args.priority_temperature)
-            for program, weight in zip(kept, weights):
-                outcome = lmc.score(program, task.test_inputs, task.test_outputs)[0]
-                policy_buffer.add((task, program, outcome), weight, it)
-        R = max(args.outcome_rollouts, 1)
-        for j, program in enumerate(outcome_programs):
-            task = tasks[j // R]
-            outcome, _ = lmc.score(program, task.test_inputs, task.test_outputs)
-            outcome_buffer.add((task, tuple(program), outcome), 1.0, it)
-        rewards = [lmc.score(p, t.test_inputs, t.test_outputs)[1] for p, t in zip(answers, tasks)]
-        train_solved = rewards.count(1.0) / len(tasks)
-
-        # --- learn: next-token training on the replay buffers
+        # --- learn: next-token training on batches drawn from the buffers by priority
         t0, flops0, tokens0 = time.time(), model.flops, model.tokens
         loss_policy = loss_outcome = float("nan")
         model.train()
         for _ in range(0 if args.no_train else args.train_steps):
-            policy_batch = make_batch(policy_buffer.sample(args.batch_size, gen), "policy", device)
-            outcome_batch = (
-                make_batch(outcome_buffer.sample(args.outcome_batch_size, gen), "outcome", device)
-                if len(outcome_buffer)
-                else None
-            )
-            loss_policy, loss_outcome = train_step(model, optimizer, policy_batch, outcome_batch)
+            policy = make_batch(s.policy_buffer.sample(args.batch_size, gen), "policy", device)
+            outcome = None
+            if len(s.outcome_buffer):
+                drawn = s.outcome_buffer.sample(max(1, args.batch_size // 4), gen)
+                outcome = make_batch(drawn, "outcome", device)
+            loss_policy, loss_outcome = train_step(model, s.optimizer, policy, outcome)
         model.eval()
-        train_s = time.time() - t0
-        train_tokens = model.tokens - tokens0
-        flops_train += model.flops - flops0
+        train_s, train_tokens = time.time() - t0, model.tokens - tokens0
+        s.flops_train += model.flops - flops0
 
         # --- evaluate on held-out tasks, log, checkpoint
-        heldout_solved, heldout_valid, submitted, outcomes = evaluate(
-            model, heldout, args, eval_gen
-        )
-        elapsed = time.time() - t_start
+        solved, valid, submitted, outcomes = evaluate(model, heldout, args, s.eval_gen)
+        s.iteration, s.elapsed_s = it, time.time() - t_start
+        rewards = [lmc.score(p, t.test_inputs, t.test_outputs)[1] for p, t in zip(answers, tasks)]
+        simulations = sum(map(len, answers)) * args.num_simulations if args.search == "mcts" else 0
         n_programs = sum(map(len, written)) + len(outcome_programs)  # every program written
         row = dict(
             iter=it,
-            elapsed_s=round(elapsed, 2),
-            flops_search=flops_search,
-            flops_train=flops_train,
-            flops=flops_search + flops_train,
-            train_solved=train_solved,
-            heldout_solved=heldout_solved,
-            heldout_valid=heldout_valid,
-            # held-out solved by kind or number of inputs, e.g. {"2": 0.97, "3": 0.59} on add4
+            elapsed_s=round(s.elapsed_s, 2),
+            flops_search=s.flops_search,
+            flops_train=s.flops_train,
+            flops=s.flops_search + s.flops_train,
+            train_solved=rewards.count(1.0) / len(tasks),  # by the search, on the test pairs
+            heldout_solved=solved,
+            heldout_valid=valid,
+            # by kind, or by number of inputs: {"2": 0.97, "3": 0.59, "4": 0.11} on add4
             heldout_by={str(g): f for g, (f, _) in solved_by_group(heldout, outcomes).items()},
             mean_reward=sum(rewards) / len(rewards),
-            policy_buffer=len(policy_buffer),
-            outcome_buffer=len(outcome_buffer),
+            policy_buffer=len(s.policy_buffer),
+            outcome_buffer=len(s.outcome_buffer),
             loss_policy=None if math.isnan(loss_policy) else loss_policy,  # strict JSON: no NaN
             loss_outcome=None if math.isnan(loss_outcome) else loss_outcome,
             search_s=round(search_s, 4),  # 4 places: a tiny run searches in 0.04 s
@@ -1839,106 +1696,71 @@ def run(args):
             train_tokens_per_s=train_tokens / max(train_s, 1e-9),
             simulations_per_s=simulations / search_s,
         )
-        print(
-            f"iter {it:3d} | train {train_solved:4.0%} | heldout {heldout_solved:4.0%} | "
-            f"reward {row['mean_reward']:+.2f} | "
-            f"buf {len(policy_buffer)}/{len(outcome_buffer)} | "
-            f"loss pi {loss_policy:.3f} out {loss_outcome:.3f} | search {search_s:4.1f}s "
-            f"train {train_s:4.1f}s | {row['programs_per_s']:4.0f} prog/s "
-            f"{row['tokens_per_s'] / 1e3:4.1f}k tok/s"
-            + (f" {row['simulations_per_s']:4.0f} sim/s" if simulations else "")
-            + f" | {fmt_flops(row['flops'])} FLOPs | "
-            f"{elapsed:5.0f}s",
-            flush=True,
-        )
+        print(log_line(row, simulations), flush=True)
         log_file.write(json.dumps(row) + "\n")
         log_file.flush()
-        if it % args.show_every == 0:
+        if it % SHOW_EVERY == 0:  # a held-out task, the program the agent submits for it
             t = heldout[0]
-            sizes = ", ".join(f"{n}: {f:.0%}" for n, f in row["heldout_by"].items())
+            groups = ", ".join(f"{g}: {f:.0%}" for g, f in row["heldout_by"].items())
             print(
                 f"      held-out {prompt_bytes(t).decode().strip()} -> {' '.join(submitted[0])}"
                 f"  (test outcome {outcomes[0]})\n"
-                f"      held-out solved {group_name(heldout)}: {sizes}"
+                f"      held-out solved {group_name(heldout)}: {groups}"
             )
-        save_checkpoint(
-            ckpt_path,
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            args=vars(args),
-            iteration=it,
-            flops_search=flops_search,
-            flops_train=flops_train,
-            elapsed_s=elapsed,
-            gen=gen.get_state(),
-            eval_gen=eval_gen.get_state(),
-            policy_buffer=buffer_state(policy_buffer),
-            outcome_buffer=buffer_state(outcome_buffer),
-        )
+        save(ckpt_path, s, args)
         if args.snapshot_every and it % args.snapshot_every == 0:  # for --ladder
             os.makedirs(os.path.join(out_dir, "snapshots"), exist_ok=True)
-            save_checkpoint(
-                os.path.join(out_dir, "snapshots", f"iter_{it:04d}.pt"),
-                model=model.state_dict(),
-                args=vars(args),
-                iteration=it,
-                flops=flops_search + flops_train,
-            )
-        if heldout_solved >= args.target:
-            print(
-                f"reached {heldout_solved:.0%} held-out solved at iteration {it}: "
-                f"{elapsed:.0f} s, {fmt_flops(flops_search + flops_train)} FLOPs "
-                f"(search {fmt_flops(flops_search)}, train {fmt_flops(flops_train)})"
-            )
+            snapshot = dict(model=model.state_dict(), args=vars(args), iteration=it)
+            save_checkpoint(os.path.join(out_dir, "snapshots", f"iter_{it:04d}.pt"), **snapshot)
+        spent = f"{s.elapsed_s:.0f} s, {row['flops']:.2e} FLOPs (search {s.flops_search:.2e})"
+        if solved == 1.0:
+            print(f"reached {solved:.0%} held-out solved at iteration {it}: {spent}")
             break
-        if args.max_flops and flops_search + flops_train >= args.max_flops:
-            print(
-                f"spent the --max_flops budget at iteration {it} with {heldout_solved:.0%} "
-                f"held-out solved: {elapsed:.0f} s, {fmt_flops(flops_search + flops_train)} FLOPs"
-            )
+        if args.max_flops and row["flops"] >= args.max_flops:
+            print(f"spent --max_flops at iteration {it}: {solved:.0%} held-out solved, {spent}")
             break
     else:
-        print(
-            f"stopped after {args.max_iters} iterations at {heldout_solved:.0%} held-out solved: "
-            f"{time.time() - t_start:.0f} s, {fmt_flops(flops_search + flops_train)} FLOPs"
-        )
+        print(f"stopped after --max_iters {args.max_iters} iterations")
     log_file.close()
 
 
+def parse_budgets(args, default):
+    try:
+        budgets = [int(b) for b in (args.budgets or default).split(",")]
+        assert min(budgets) >= 1
+    except (ValueError, AssertionError):
+        raise UserError(f"--budgets must be positive integers like 1,16,64, got {args.budgets}")
+    return budgets
+
+
 def run_eval_only(args, device):
-    """Evaluate a saved agent on --task (any family or task file) and print held-out solved,
-    overall and by the number of inputs per example, or with --show print how it writes
-    programs for the first three held-out tasks. With --search mcts, Gumbel MCTS writes the
-    submitted programs (--num_simulations per decision) instead of one sample.
-    """
-    if not args.ckpt:
-        raise UserError("--eval_only and --show need --ckpt PATH")
-    state = load_checkpoint(args.ckpt, device)
+    """Evaluate a saved agent (--eval) on --task's held-out tasks (any family or task file) at
+    each of --budgets, and print held-out solved, overall and by kind or number of inputs; or
+    (--show) print how it writes programs for the first three held-out tasks. With --search
+    mcts, Gumbel MCTS writes the submitted programs."""
+    ckpt = args.eval or args.show
+    state = load_checkpoint(ckpt, device)
     saved = state["args"]
     args = check_args(args)
-    model = Transformer(saved["dim"], saved["n_layers"], saved["n_heads"]).to(device)
+    model = Transformer(saved["dim"]).to(device)
     model.load_state_dict(state["model"])
     model.eval()
     _, heldout, _ = task_source(args)
     generator = torch.Generator().manual_seed(args.seed)
     if args.show:
         return show(model, heldout[:3], args, generator)
-    # --search mcts: Gumbel MCTS writes each submitted program (search at test time)
     mcts = args.search == "mcts"
-    solved, _, _, outcomes = evaluate(model, heldout, args, generator, mcts=mcts)
-    how = (
-        f"Gumbel MCTS, {args.num_simulations} simulations"
-        if mcts
-        else f"best of {args.eval_rollouts} at temperature {args.eval_temperature}"
-    )
-    # the same, split by how many inputs a task's examples have (add4: 2, 3 or 4)
-    by_size = solved_by_group(heldout, outcomes)
-    sizes = ", ".join(f"{n}: {f:.0%} of {count}" for n, (f, count) in by_size.items())
-    print(
-        f"{args.ckpt} (trained on {saved['task']}, iteration {state['iteration']}) on "
-        f"{len(heldout)} held-out {args.task} tasks, {how}: {solved:.0%} solved "
-        f"({group_name(heldout)}: {sizes})"
-    )
+    for budget in parse_budgets(args, str(args.num_simulations) if mcts else "1"):
+        solved, _, _, outcomes = evaluate(model, heldout, args, generator, budget, mcts)
+        how = f"best of {budget} samples" if budget > 1 else "one sample"
+        how = f"Gumbel MCTS, {budget} simulations" if mcts else how
+        groups = solved_by_group(heldout, outcomes)
+        groups = ", ".join(f"{g}: {f:.0%} of {n}" for g, (f, n) in groups.items())
+        print(
+            f"{ckpt} (trained on {saved['task']}, iteration {state['iteration']}) on "
+            f"{len(heldout)} held-out {args.task} tasks, {how} at temperature "
+            f"{args.eval_temperature}: {solved:.0%} solved ({group_name(heldout)}: {groups})"
+        )
     return solved
 
 

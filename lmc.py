@@ -4,7 +4,7 @@ lmc.py: the machine, the tasks and the reward.
 This is the world the agent in exit.py learns to program: a modified Little Man Computer, an
 accumulator machine with 11 opcodes and 10 memory cells (paper appendix A), the two task families
 (add-N, section 3.1; random programs, appendix B) and the reward of section 2.1. It is plain Python,
-imports no torch, and is laid out like ../shared/SPEC.md sections 1-4: constants, syntax check,
+imports no torch, and reads in the order of the machine's description: constants, syntax check,
 `run`, scoring, task generators.
 
 Watch a program run, one executed step per line (line numbers are 1-based positions in the
@@ -165,7 +165,7 @@ def outcome_reward(outcome):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tasks (SPEC section 3)
+# Tasks: add-N (paper 3.1), random programs (appendix B), task files
 
 
 @dataclass(frozen=True)

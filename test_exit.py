@@ -542,44 +542,39 @@ def argparse_namespace(**kw):
 LUCKY_TASK = lmc.Task([[8, 6], [7, 2], [8, 6]], [14, 9, 14], [[5, 1], [3, 1], [5, 1]], [6, 4, 6])
 
 
-def priorities(programs, rules, counts=None, T=0.25):
+def priorities(programs, rules, counts=None):
     programs = [tuple(P(p)) for p in programs]
-    return ex.task_priorities(LUCKY_TASK, programs, counts or [1] * len(programs), rules, T)
+    return ex.task_priorities(LUCKY_TASK, programs, counts or [1] * len(programs), rules)
 
 
-def test_priority_paper_rule_is_test_reward_plus_a_constant():
-    # the lucky program, a wrong one and a syntax error
-    assert priorities(["ADDL 1 HLT", "LDL 0 HLT", "ADD"], []) == pytest.approx([1.01, 0.01, 0.01])
+def test_priority_is_the_reward_plus_a_little():
+    # the paper's rule: the one stored program's reward on the test pairs, plus 0.01
+    assert priorities(["ADDL 1 HLT"], []) == pytest.approx([1.01])  # lucky: passes the test pairs
+    assert priorities(["LDL 0 HLT"], []) == pytest.approx([0.01])
+    assert priorities(["ADD"], []) == pytest.approx([0.01])  # errors too
 
 
-def test_priority_allpairs_counts_the_train_pairs_too():
+def test_allpairs_counts_the_train_pairs_too():
     # the lucky program is wrong on all 3 train pairs: half the pairs, not a solution
-    lucky, right = priorities(["ADDL 1 HLT", "ADD 0 HLT"], ["allpairs"])
-    assert lucky == pytest.approx(math.exp(0.5 / 0.25)) and right == pytest.approx(math.exp(4))
-    lucky, right = priorities(["ADDL 1 HLT", "ADD 0 HLT"], ["twolevel"])  # test pairs only
-    assert lucky == right == 0.5  # the lucky program passes for a solution
+    assert priorities(["ADDL 1 HLT", "LDL 0 HLT"], ["allpairs"]) == pytest.approx([0.51, 0])
+    assert priorities(["ADDL 1 HLT", "ADD 0 HLT"], ["allpairs"]) == pytest.approx([0, 1.01])
 
 
-def test_priority_ranks_solutions_partial_runs_and_errors():
-    # right, right on half the pairs, runs, syntax error (-1), no HLT (-2)
-    programs = ["ADD 0 HLT", "ADDL 1 HLT", "LDL 0 HLT", "ADD HLT", "ADD 0"]
-    got = priorities(programs, ["allpairs"])
-    assert got == pytest.approx([math.exp(r / 0.25) for r in (1, 0.5, 0, -1, -2)])
+def test_best_shares_the_priority_among_equally_good_programs():
+    # two programs that run but pass nothing, and a syntax error: the two share, the error none
+    got = priorities(["HLT", "LDL 0 HLT", "ADD HLT"], ["best", "allpairs"])
+    assert got == pytest.approx([0.005, 0.005, 0])
+    assert priorities(["HLT", "LDL 0 HLT", "ADD HLT"], ["allpairs"]) == pytest.approx([0.01, 0, 0])
 
 
-def test_twolevel_gives_each_task_the_same_weight():
-    got = priorities(["ADD 0 HLT", "ADDL 1 HLT", "LDL 0 HLT"], ["twolevel", "allpairs"])
-    assert sum(got) == pytest.approx(1.0)
-    assert got[0] / got[1] == pytest.approx(math.exp(0.5 / 0.25))
-    assert priorities(["LDL 0 HLT"], ["twolevel"]) == [1.0]
-
-
-def test_tiebreak_gives_all_solutions_weight_to_the_shortest_then_most_written():
-    solutions = ["ADD 0 ADDL 0 HLT", "ADD 0 HLT", "ADDL 0 ADD 0 HLT", "ADD 0 SUBL 0 HLT"]
-    got = priorities(solutions + ["LDL 0 HLT"], ["tiebreak", "allpairs"])
-    assert got == pytest.approx([0, 4 * math.exp(4), 0, 0, 1.0])
-    got = priorities(solutions[2:] + ["LDL 0 HLT"], ["tiebreak", "allpairs"], counts=[1, 3, 1])
-    assert got == pytest.approx([0, 2 * math.exp(4), 1.0])  # equal length: written 3 times
+def test_tiebreak_gives_a_tasks_priority_to_its_most_written_then_shortest_solution():
+    solutions = ["ADD 0 ADDL 0 HLT", "ADD 0 HLT", "ADDL 0 ADD 0 HLT"]
+    rules = ["best", "tiebreak", "allpairs"]
+    got = priorities(solutions + ["LDL 0 HLT"], rules, counts=[1, 1, 3, 9])
+    assert got == pytest.approx([0, 0, 1.01, 0])  # written 3 times; the wrong one 9 times
+    assert priorities(solutions, rules, counts=[2, 2, 1]) == pytest.approx([0, 1.01, 0])
+    got = priorities(solutions, ["best", "allpairs"], counts=[2, 2, 1])  # without: shared
+    assert got == pytest.approx([1.01 / 3] * 3)
 
 
 def test_higher_priority_drawn_more_often():
@@ -593,8 +588,8 @@ def test_higher_priority_drawn_more_often():
 def test_replay_rules_parse_and_reject_unknown_ones():
     args = ex.parser.parse_args(["--replay", "paper"])
     assert ex.check_args(args).replay == []
-    args = ex.parser.parse_args(["--replay", "allpairs,twolevel"])
-    assert ex.check_args(args).replay == ["twolevel", "allpairs"]
+    args = ex.parser.parse_args(["--replay", "allpairs,best"])
+    assert ex.check_args(args).replay == ["best", "allpairs"]
     assert ex.check_args(ex.parser.parse_args([])).replay == list(ex.REPLAY_RULES)
     with pytest.raises(ex.UserError, match="unknown rule shortest"):
         ex.check_args(ex.parser.parse_args(["--replay", "shortest"]))
@@ -655,14 +650,8 @@ TINY = [
     "1",
     "--batch_size",
     "2",
-    "--outcome_rollouts",
-    "1",
     "--dim",
     "32",
-    "--n_layers",
-    "1",
-    "--n_heads",
-    "2",
     "--device",
     "cpu",
 ]
@@ -695,34 +684,25 @@ def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys, mon
     assert 0 <= rows[1]["heldout_solved"] <= 1
     assert set(rows[0]["heldout_by"]) == {"2"}  # add2: every task has 2 inputs
     assert rows[0]["heldout_by"]["2"] == rows[0]["heldout_solved"]
-    # programs/s counts every program written: 2 tasks x (2 rollouts + 1 outcome episode)
-    assert rows[0]["programs_per_s"] * rows[0]["search_s"] == pytest.approx(6, rel=0.1)
+    # programs/s counts every program written: 2 tasks x (2 rollouts + 4 outcome episodes)
+    assert rows[0]["programs_per_s"] * rows[0]["search_s"] == pytest.approx(12, rel=0.1)
     ex.main(["--task", "add2", "--max_iters", "3", "--out_dir", out, "--resume"] + TINY)
     rows = read_log(f"{out}/log.jsonl")
     assert [r["iter"] for r in rows] == [0, 1, 2] and rows[2]["flops"] > rows[1]["flops"]
     assert "resumed" in capsys.readouterr().out
     # the saved agent can be evaluated on another task family
-    ex.main(
-        [
-            "--eval_only",
-            "--ckpt",
-            f"{out}/ckpt.pt",
-            "--task",
-            "add3",
-            "--num_heldout",
-            "4",
-            "--device",
-            "cpu",
-        ]
-    )
+    ex.main(["--eval", f"{out}/ckpt.pt", "--task", "add3", "--num_heldout", "4", "--device", "cpu"])
     out_eval = capsys.readouterr().out
     assert "held-out add3 tasks" in out_eval and "(by number of inputs: 2: " in out_eval
-    assert "best of 1 at temperature 0.8" in out_eval
+    assert "one sample at temperature 0.8" in out_eval
+    ex.main(["--eval", f"{out}/ckpt.pt", "--num_heldout", "4", "--budgets", "1,4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "one sample" in lines[0] and "best of 4 samples" in lines[1]
     # with --search mcts the search writes the submitted programs
     calls, real_mcts = [], ex.gumbel_mcts
     monkeypatch.setattr(ex, "gumbel_mcts", lambda *a, **k: calls.append(1) or real_mcts(*a, **k))
     eval_mcts = ["--search", "mcts", "--num_simulations", "4"]
-    ex.main(["--eval_only", "--ckpt", f"{out}/ckpt.pt", "--num_heldout", "4"] + eval_mcts)
+    ex.main(["--eval", f"{out}/ckpt.pt", "--num_heldout", "4"] + eval_mcts)
     assert calls and "Gumbel MCTS, 4 simulations" in capsys.readouterr().out
     monkeypatch.undo()
     # inside the agent: every part is printed, for both searchers
@@ -730,7 +710,6 @@ def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys, mon
         ex.main(
             [
                 "--show",
-                "--ckpt",
                 f"{out}/ckpt.pt",
                 "--task",
                 "add3",
@@ -761,7 +740,7 @@ def test_a_resumed_run_is_the_run_never_stopped(tmp_path):
     assert [{k: v for k, v in r.items() if k not in clock} for r in a] == [
         {k: v for k, v in r.items() if k not in clock} for r in b
     ]
-    assert a[1]["policy_buffer"] > 4  # what the checkpoint after iteration 1 holds
+    assert a[1]["policy_buffer"] >= 4  # what the checkpoint after iteration 1 holds
     models = [torch.load(tmp_path / run / "ckpt.pt", weights_only=False)["model"] for run in "ab"]
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
 
@@ -779,18 +758,15 @@ def test_store_keeps_one_program_per_task_for_buffer_iters_iterations(tmp_path, 
         ex.ReplayBuffer, "add", lambda self, x, p, it: stored.append(p) or real_add(self, x, p, it)
     )
     out = str(tmp_path / "store")
-    tiny = TINY[:]
-    tiny[tiny.index("--outcome_rollouts") + 1] = "0"
-    flags = ["--task", "add2", "--max_iters", "3", "--buffer_iters", "2", "--out_dir", out]
-    ex.main(flags + tiny)
+    flags = ["--task", "add2", "--max_iters", "3", "--buffer_iters", "2", "--no_train"]
+    ex.main(flags + TINY + ["--out_dir", out])
     rows = read_log(f"{out}/log.jsonl")
-    # each distinct program once, per task (2 tasks) and iteration, for 2 iterations
-    assert [r["policy_buffer"] for r in rows] == [4, 8, 8]
+    # one solution per task (2 tasks) and iteration, kept for 2 iterations; HLT gets nothing
+    assert [r["policy_buffer"] for r in rows] == [2, 4, 4]
     assert [r["train_solved"] for r in rows] == [1.0] * 3
-    solution, hlt = stored[:2]  # HLT is wrong on every pair of these tasks, or nearly
-    assert solution + hlt == pytest.approx(1.0) and solution > 0.99
+    assert stored == pytest.approx([1.01] * 6)
     stored.clear()
-    ex.main(flags[:-1] + [out + "paper", "--replay", "paper"] + tiny)
+    ex.main(flags + TINY + ["--out_dir", out + "paper", "--replay", "paper"])
     assert [r["policy_buffer"] for r in read_log(f"{out}paper/log.jsonl")] == [2, 4, 4]
     assert stored == pytest.approx([1.01] * 6)  # the filtered program alone, reward + 0.01
 
@@ -857,15 +833,6 @@ def test_mix_tasks_are_solved_by_their_reference_programs(tmp_path):
             assert len(set(task.train_outputs)) > 1 or task.kind == "max"
 
 
-def test_run_without_outcome_sampler(tmp_path):
-    out = str(tmp_path / "nooutcome")
-    tiny = TINY[:]
-    tiny[tiny.index("--outcome_rollouts") + 1] = "0"
-    ex.main(["--task", "add2", "--max_iters", "1", "--out_dir", out] + tiny)
-    row = read_log(f"{out}/log.jsonl")[0]
-    assert row["outcome_buffer"] == 0 and row["loss_outcome"] is None
-
-
 def error_line(capsys, argv):
     with pytest.raises(SystemExit) as info:
         ex.main(argv)
@@ -883,12 +850,13 @@ def test_error_bad_flag_values(capsys, tmp_path):
     assert "--num_rollouts must be at least 1" in error_line(
         capsys, ["--num_rollouts", "0", "--out_dir", str(tmp_path)]
     )
-    assert "--epsilon must lie in 0..1" in error_line(
-        capsys, ["--epsilon", "2", "--out_dir", str(tmp_path)]
-    )
+    assert "--lr must be positive" in error_line(capsys, ["--lr", "0", "--out_dir", str(tmp_path)])
     assert "invalid int value" in error_line(capsys, ["--num_tasks", "many"])
-    assert "--outcome_batch_size must be at least 1" in error_line(
-        capsys, ["--outcome_batch_size", "0", "--out_dir", str(tmp_path)]
+    assert "--dim must be a positive multiple of 8" in error_line(
+        capsys, ["--dim", "12", "--out_dir", str(tmp_path)]
+    )
+    assert "unknown rule fifo" in error_line(
+        capsys, ["--replay", "fifo", "--out_dir", str(tmp_path)]
     )
 
 
@@ -896,9 +864,9 @@ def test_error_checkpoints(capsys, tmp_path):
     assert "no checkpoint at" in error_line(capsys, ["--resume", "--out_dir", str(tmp_path)])
     bad = tmp_path / "ckpt.pt"
     bad.write_bytes(b"not a checkpoint")
-    line = error_line(capsys, ["--eval_only", "--ckpt", str(bad), "--device", "cpu"])
+    line = error_line(capsys, ["--eval", str(bad), "--device", "cpu"])
     assert "cannot load checkpoint" in line and "corrupt" in line
-    assert "need --ckpt" in error_line(capsys, ["--eval_only"])
+    assert "expected one argument" in error_line(capsys, ["--eval"])
 
 
 def test_error_task_file_names_the_line(capsys, tmp_path):
@@ -1079,13 +1047,8 @@ def mcts_args(**changes):
     """The MCTS flags gumbel_mcts reads, small budgets, with `changes` on top."""
     flags = dict(
         num_simulations=2,
-        max_num_considered_actions=4,
         gumbel_scale=1.0,
-        c_visit=50.0,
-        c_scale=0.1,
-        mcts_prior="policy",
-        mcts_value="model",
-        mcts_mask="tree",
+        mcts_guide="both",
     )
     return argparse_namespace(**{**flags, **changes})
 
@@ -1100,18 +1063,19 @@ def test_mcts_ablations_change_what_search_uses(monkeypatch):
         return np.full(len(prior), 10), None, None  # HLT everywhere
 
     monkeypatch.setattr(ex, "gumbel_search", fake_search)
-    args = mcts_args(mcts_prior="uniform", mcts_value="zero", mcts_mask="syntax")
     model = tiny_model()
-    programs, _ = ex.gumbel_mcts(model, [TASK], args, torch.Generator())
+    programs, _ = ex.gumbel_mcts(model, [TASK], mcts_args(mcts_guide="value"), torch.Generator())
     assert programs == [["HLT"]]
-    assert np.all(seen["prior"] == 0) and np.all(seen["leaf_prior"] == 0)
-    assert np.all(seen["values"] == 0) and seen["leaf_value"] == 0
-    args.mcts_prior, args.mcts_value = "policy", "model"
-    ex.gumbel_mcts(model, [TASK], args, torch.Generator())
+    assert np.all(seen["prior"] == 0) and seen["values"][0] != 0  # value only: uniform prior
+    # the leaf below "ADD": a uniform prior over the operands, the opcodes ruled out
+    assert np.all(seen["leaf_prior"][11:] == 0) and np.all(seen["leaf_prior"][:11] < -1e300)
+    ex.gumbel_mcts(model, [TASK], mcts_args(mcts_guide="policy"), torch.Generator())
+    assert np.std(seen["prior"]) > 0 and np.all(seen["values"] == 0) and seen["leaf_value"] == 0
+    ex.gumbel_mcts(model, [TASK], mcts_args(), torch.Generator())
     assert np.std(seen["prior"]) > 0 and seen["values"][0] != 0
 
 
-def test_tree_mask_rules_out_syntax_errors_below_the_root(monkeypatch):
+def test_mask_rules_out_syntax_errors_below_the_root(monkeypatch):
     leaves = {}
 
     def fake_search(prior, values, expand, *args, **kw):
@@ -1125,9 +1089,6 @@ def test_tree_mask_rules_out_syntax_errors_below_the_root(monkeypatch):
     ex.gumbel_mcts(tiny_model(), [TASK], args, torch.Generator())
     assert np.all(leaves[(0,)][:11] == floor) and np.all(leaves[(0,)][11:] > floor)
     assert np.all(leaves[(0, 11)][:11] > floor) and np.all(leaves[(0, 11)][11:] == floor)
-    args.mcts_mask = "syntax"  # root only, as mctx: the leaves keep the model's prior
-    ex.gumbel_mcts(tiny_model(), [TASK], args, torch.Generator())
-    assert np.all(leaves[(0,)] > floor) and np.all(leaves[(0, 11)] > floor)
 
 
 def test_mcts_noise_is_its_only_randomness():
@@ -1197,7 +1158,7 @@ def test_no_train_is_search_alone(tmp_path):
     assert rows[1]["flops_search"] > rows[0]["flops_search"] > 0
     # the weights are still the run's initial ones
     torch.manual_seed(0)
-    init = ex.Transformer(32, 1, 2).state_dict()
+    init = ex.Transformer(32).state_dict()
     saved = torch.load(f"{out}/ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(init[k], saved[k]) for k in init)
 
@@ -1241,7 +1202,7 @@ def fake_run(path, search, budget_key, budget):
     os.makedirs(path)
     with open(f"{path}/log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in FAKE_LOG)
-    args = dict(task="add4", search=search, seed=0, mcts_prior="policy", mcts_value="model")
+    args = dict(task="add4", search=search, seed=0, mcts_guide="both")
     args.update({"num_rollouts": 32, "num_simulations": 16, budget_key: budget})
     json.dump(args, open(f"{path}/args.json", "w"))
     return path
@@ -1263,13 +1224,12 @@ def test_plot_writes_csv_and_picture(tmp_path, capsys):
     assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_run_label_names_the_mcts_mask(tmp_path):
+def test_run_label_names_search_and_ablations(tmp_path):
     path = fake_run(str(tmp_path / "a"), "mcts", "num_simulations", 256)
-    assert ex.run_label(path) == "add4 MCTS 256 sims no mask seed 0"  # a run from before it
-    for mask, label in [("tree", "add4 MCTS 256 sims seed 0"), ("syntax", "root mask")]:
-        args = json.load(open(f"{path}/args.json"))
-        json.dump({**args, "mcts_mask": mask}, open(f"{path}/args.json", "w"))
-        assert label in ex.run_label(path)
+    assert ex.run_label(path) == "add4 MCTS 256 sims seed 0"
+    args = json.load(open(f"{path}/args.json"))
+    json.dump({**args, "mcts_guide": "policy"}, open(f"{path}/args.json", "w"))
+    assert ex.run_label(path) == "add4 MCTS 256 sims policy only seed 0"
 
 
 def test_plot_without_matplotlib_writes_csv_only(tmp_path, capsys, monkeypatch):
