@@ -567,13 +567,16 @@ def test_best_shares_the_priority_among_equally_good_programs():
     assert priorities(["HLT", "LDL 0 HLT", "ADD HLT"], ["allpairs"]) == pytest.approx([0.01, 0, 0])
 
 
-def test_tiebreak_gives_a_tasks_priority_to_its_most_written_then_shortest_solution():
+def test_tiebreak_gives_the_priority_to_the_favourite_once_it_is_a_solution():
     solutions = ["ADD 0 ADDL 0 HLT", "ADD 0 HLT", "ADDL 0 ADD 0 HLT"]
     rules = ["best", "tiebreak", "allpairs"]
+    # the search wrote a wrong program most (9 times): its solutions share the priority
     got = priorities(solutions + ["LDL 0 HLT"], rules, counts=[1, 1, 3, 9])
-    assert got == pytest.approx([0, 0, 1.01, 0])  # written 3 times; the wrong one 9 times
-    assert priorities(solutions, rules, counts=[2, 2, 1]) == pytest.approx([0, 1.01, 0])
-    got = priorities(solutions, ["best", "allpairs"], counts=[2, 2, 1])  # without: shared
+    assert got == pytest.approx([1.01 / 3] * 3 + [0])
+    # its favourite (written most; the first of those) solves the task: it alone
+    assert priorities(solutions, rules, counts=[2, 2, 1]) == pytest.approx([1.01, 0, 0])
+    assert priorities(solutions, rules, counts=[1, 1, 3]) == pytest.approx([0, 0, 1.01])
+    got = priorities(solutions, ["best", "allpairs"], counts=[1, 1, 3])  # without: shared
     assert got == pytest.approx([1.01 / 3] * 3)
 
 
@@ -930,6 +933,11 @@ def test_interior_selection_eq3():
     assert ex.interior_action(np.array([2.0, 0, 0]), np.zeros(3), np.zeros(3)) == 0
     # sigma can outweigh the prior
     assert ex.interior_action(np.array([2.0, 0, 0]), np.array([0, 5.0, 0]), np.zeros(3)) == 1
+    # visits spread over the valid actions by the prior: 20 visits, logits 0 and -3
+    floor, N = np.finfo(np.float64).min, np.zeros(4)
+    for _ in range(20):
+        N[ex.interior_action(np.array([floor, 0.0, -3.0, floor]), np.zeros(4), N)] += 1
+    assert N[1] > N[2] > 0
 
 
 def bandit_expand(rewards):
@@ -1109,11 +1117,10 @@ def test_interior_selection_never_picks_a_masked_action():
     floor = np.finfo(np.float64).min
     logits = np.array([floor, 0.0, -3.0, floor])
     N = np.zeros(4)
-    for _ in range(20):  # the eq. 3 rule spreads visits over the two valid actions only
+    for _ in range(20):  # whatever the rule (eq. 3 or an exercise's PUCT): valid actions only
         a = ex.interior_action(logits, np.zeros(4), N)
         assert a in (1, 2)
         N[a] += 1
-    assert N[1] > N[2] > 0
 
 
 def test_end_to_end_add2_mcts(tmp_path, capsys, monkeypatch):
