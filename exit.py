@@ -28,11 +28,11 @@ Where we depart from the paper, and why:
   a target only, so no later position can copy it, and "A:", which also ends in ":", stays a
   place to write a code unit.
 - An outcome digit d is valued at d/9 (exact for 3 or 9 examples, close for 4).
-- Replay: the paper stores each task's best program and draws by reward; we store every
-  distinct program, each task weighing the same (a solved easy task must not drown an unsolved
-  hard one), a task's solutions count as one (so it teaches one solution, not a blend), and the
-  priority counts all of a task's pairs (so a lucky pass of degenerate test pairs is no solution).
-  --replay paper runs the paper's rule.
+- Replay: the paper stores each task's filtered program at priority reward + 0.01. A task's
+  equally best programs share its priority (given to one, HLT took all early training); once the
+  search's favourite for a task solves it, it alone takes the priority (each task then teaches
+  one solution, not a blend of rivals); rewards count all pairs (so a lucky pass of degenerate
+  test pairs is no solution). --replay paper runs the paper's rule.
 - Each trajectory weighs the same in the loss (a mean over its targets, then over trajectories):
   with a mean over tokens, long junk programs outweigh the short ones that earn reward.
 - MCTS rules out units that would make a syntax error at every node, not at the root alone as
@@ -85,7 +85,7 @@ arg("--mcts_guide", default="both", choices=["both", "policy", "value"], help="M
 arg("--lr", type=float, help="AdamW learning rate (2e-4 add, 5e-5 random)")
 arg("--batch_size", type=int, default=32, help="trajectories per policy batch")
 arg("--train_steps", type=int, default=8, help="gradient steps per iteration")
-arg("--buffer_iters", type=int, default=16, help="replay keeps the last N iterations' programs")
+arg("--buffer_iters", type=int, default=4, help="replay keeps the last N iterations' programs")
 arg("--replay", default="best,tiebreak,allpairs", help="our replay rules, or 'paper'")
 # system
 arg("--seed", type=int, default=0, help="one seed for the whole run")
@@ -1004,16 +1004,16 @@ SEARCHERS = {"sf": sample_and_filter, "mcts": gumbel_mcts}
 # their reward, the paper's reward + 0.01 (prioritized replay, Schaul et al. 2015): the agent
 # trains most on what the search solved, some on partial solutions, hardly at all on the rest.
 # The outcome buffer draws the epsilon-greedy sampler's programs uniformly: the outcome predictor
-# must see bad programs too. Both keep the last --buffer_iters iterations, so old attempts age
-# out. The paper stores each task's filtered program; --replay names our three changes to that
-# (all by default; "paper" for none):
+# must see bad programs too. Both keep only the last --buffer_iters iterations: what a weaker
+# policy wrote ages out quickly, and the agent follows what its search finds now. The paper
+# stores each task's filtered program; --replay names our three changes to that (all by
+# default; "paper" for none):
 #   best      a task's equally best programs share its priority, rather than the first taking
 #             it: early on, when a task's best is any program that runs, no one of them (HLT)
 #             takes all the training;
-#   tiebreak  once the program the search wrote most for a task solves it, that program alone
-#             takes the task's priority: the task teaches the policy's own favourite, not a
-#             blend of rival solutions, while before that all its solutions share, so that
-#             variants the policy may build on (ADD 0 ADD 1 HLT on two inputs) are learned;
+#   tiebreak  a task's solutions count as one, the shortest, then the first in the fixed order
+#             of code units: every task of a kind teaches the same solution, not a blend of
+#             rival ones (ADD 0 ADD 1 HLT and ADD 1 ADD 0 HLT sampled into ADD 1 ADD 1 HLT);
 #   allpairs  rewards count all the task's pairs, train and hidden test, so that a program that
 #             passes a few degenerate test pairs by luck is no solution.
 
@@ -1059,10 +1059,10 @@ def task_priorities(task, programs, counts, rules):
     rewards = [lmc.score(p, inputs, outputs)[1] for p in programs]
     top = max(rewards)
     best = [k for k, r in enumerate(rewards) if r == top]
-    favourite = max(range(len(programs)), key=lambda k: counts[k])  # the first written most
     # EXERCISE: drop the tiebreak (let a task's solutions share) and run the test of it
-    if "tiebreak" in rules and rewards[favourite] == 1.0:  # the search's favourite solves it
-        best = [favourite]
+    if "tiebreak" in rules and top == 1.0:  # one solution: the shortest, then the first in the
+        order = {u: i for i, u in enumerate(CODE_UNITS)}  # order of code units, for every task
+        best = [min(best, key=lambda k: (len(programs[k]), [order[u] for u in programs[k]]))]
     elif "best" not in rules:  # the paper's filter: the first of the best
         best = best[:1]
     weights = [0.0] * len(programs)

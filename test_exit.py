@@ -567,16 +567,18 @@ def test_best_shares_the_priority_among_equally_good_programs():
     assert priorities(["HLT", "LDL 0 HLT", "ADD HLT"], ["allpairs"]) == pytest.approx([0.01, 0, 0])
 
 
-def test_tiebreak_gives_the_priority_to_the_favourite_once_it_is_a_solution():
-    solutions = ["ADD 0 ADDL 0 HLT", "ADD 0 HLT", "ADDL 0 ADD 0 HLT"]
+def test_tiebreak_gives_a_tasks_priority_to_its_shortest_then_first_ordered_solution():
     rules = ["best", "tiebreak", "allpairs"]
-    # the search wrote a wrong program most (9 times): its solutions share the priority
-    got = priorities(solutions + ["LDL 0 HLT"], rules, counts=[1, 1, 3, 9])
-    assert got == pytest.approx([1.01 / 3] * 3 + [0])
-    # its favourite (written most; the first of those) solves the task: it alone
-    assert priorities(solutions, rules, counts=[2, 2, 1]) == pytest.approx([1.01, 0, 0])
-    assert priorities(solutions, rules, counts=[1, 1, 3]) == pytest.approx([0, 0, 1.01])
-    got = priorities(solutions, ["best", "allpairs"], counts=[1, 1, 3])  # without: shared
+    solutions = ["ADD 0 ADDL 0 HLT", "ADD 0 HLT", "ADDL 0 ADD 0 HLT"]
+    got = priorities(solutions + ["LDL 0 HLT"], rules, counts=[5, 1, 3, 9])
+    assert got == pytest.approx([0, 1.01, 0, 0])  # the shortest, however often each was written
+    # of equal length, the first in the order of code units (ADD before ADDL, 0 before 1),
+    # whichever order the search found them in
+    for same in (["ADD 1 ADD 0 HLT", "ADD 0 ADD 1 HLT"], ["ADD 0 ADD 1 HLT", "ADD 1 ADD 0 HLT"]):
+        task = lmc.Task([[3, 5, 0]], [8], [[1, 1, 4]], [6])
+        weights = ex.task_priorities(task, [tuple(P(p)) for p in same], [1, 1], rules)
+        assert weights[same.index("ADD 0 ADD 1 HLT")] == pytest.approx(1.01)
+    got = priorities(solutions, ["best", "allpairs"])  # without: shared
     assert got == pytest.approx([1.01 / 3] * 3)
 
 
