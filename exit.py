@@ -29,10 +29,11 @@ Where we depart from the paper, and why:
   place to write a code unit.
 - An outcome digit d is valued at d/9 (exact for 3 or 9 examples, close for 4).
 - Replay: the paper stores each task's filtered program at priority reward + 0.01. A task's
-  equally best programs share its priority (given to one, HLT took all early training); once the
-  search's favourite for a task solves it, it alone takes the priority (each task then teaches
-  one solution, not a blend of rivals); rewards count all pairs (so a lucky pass of degenerate
-  test pairs is no solution). --replay paper runs the paper's rule.
+  equally best programs share its priority (given to the shortest, HLT took all early training);
+  its solutions count as one, the shortest, then the first in the order of code units (so every
+  task of a kind teaches one program, not a blend of rivals); rewards count all pairs (so a
+  lucky pass of degenerate test pairs is no solution). --replay paper runs the paper's rule.
+- The replay buffers keep the last 4 iterations: what a weaker policy wrote ages out quickly.
 - Each trajectory weighs the same in the loss (a mean over its targets, then over trajectories):
   with a mean over tokens, long junk programs outweigh the short ones that earn reward.
 - MCTS rules out units that would make a syntax error at every node, not at the root alone as

@@ -882,7 +882,8 @@ def test_error_task_file_names_the_line(capsys, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Gumbel MCTS: the search core on hand-made trees (expected values from ../shared/GUMBEL.md)
+# Gumbel MCTS: the search core on hand-made trees (expected values worked out by hand, as mctx
+# computes them)
 
 import numpy as np  # noqa: E402
 
@@ -902,7 +903,7 @@ def test_sequential_halving_schedule(m, n, expected):
 
 
 def test_sigma_worked_example():
-    # GUMBEL.md section 4: every action visited, so completed Q is Q itself
+    # every action visited, so completed Q is Q itself (mctx, qtransform_completed_by_mix_value)
     logits = np.array([1.929, 1.196, -0.064, -1.651])
     N, Q = np.array([6.0, 2, 2, 6]), np.array([0.578, -0.437, -0.287, -0.022])
     completed = ex.completed_qvalues(logits, Q, N, raw_value=0.3)
