@@ -1051,9 +1051,9 @@ class ReplayBuffer:
         return [self.items[i] for i in picks.tolist()]
 
 
-def task_priorities(task, programs, counts, rules):
+def task_priorities(task, programs, rules):
     """Policy-buffer priorities for the distinct programs one task got in one iteration (see
-    above); counts[k] is how often programs[k] was written."""
+    above)."""
     inputs, outputs = task.test_inputs, task.test_outputs
     if "allpairs" in rules:
         inputs, outputs = task.train_inputs + inputs, task.train_outputs + outputs
@@ -1079,10 +1079,9 @@ def store(policy_buffer, outcome_buffer, tasks, answers, written, outcome_progra
     for buffer in (policy_buffer, outcome_buffer):
         buffer.age_out(it - args.buffer_iters + 1)
     for task, answer, programs in zip(tasks, answers, written):
-        counts = collections.Counter(map(tuple, programs))
-        kept = list(counts) if args.replay else [tuple(answer)]  # the paper: S&F's filtered one
-        copies = [counts[p] for p in kept]
-        weights = task_priorities(task, kept, copies, args.replay)
+        distinct = list(dict.fromkeys(map(tuple, programs)))  # in the order first written
+        kept = distinct if args.replay else [tuple(answer)]  # the paper: S&F's filtered one
+        weights = task_priorities(task, kept, args.replay)
         for program, weight in zip(kept, weights):
             if weight > 0:
                 outcome = lmc.score(program, task.test_inputs, task.test_outputs)[0]

@@ -3,7 +3,6 @@ expectations. Run with `python -m pytest -q test_exit.py` (well under two minute
 
 import collections
 import json
-import math
 import os
 import sys
 
@@ -250,8 +249,6 @@ def test_task_file_missing_or_empty(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # exit.py: tokenization, model, policy and value
-
-import math  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -542,9 +539,8 @@ def argparse_namespace(**kw):
 LUCKY_TASK = lmc.Task([[8, 6], [7, 2], [8, 6]], [14, 9, 14], [[5, 1], [3, 1], [5, 1]], [6, 4, 6])
 
 
-def priorities(programs, rules, counts=None):
-    programs = [tuple(P(p)) for p in programs]
-    return ex.task_priorities(LUCKY_TASK, programs, counts or [1] * len(programs), rules)
+def priorities(programs, rules):
+    return ex.task_priorities(LUCKY_TASK, [tuple(P(p)) for p in programs], rules)
 
 
 def test_priority_is_the_reward_plus_a_little():
@@ -570,13 +566,13 @@ def test_best_shares_the_priority_among_equally_good_programs():
 def test_tiebreak_gives_a_tasks_priority_to_its_shortest_then_first_ordered_solution():
     rules = ["best", "tiebreak", "allpairs"]
     solutions = ["ADD 0 ADDL 0 HLT", "ADD 0 HLT", "ADDL 0 ADD 0 HLT"]
-    got = priorities(solutions + ["LDL 0 HLT"], rules, counts=[5, 1, 3, 9])
-    assert got == pytest.approx([0, 1.01, 0, 0])  # the shortest, however often each was written
+    got = priorities(solutions + ["LDL 0 HLT"], rules)
+    assert got == pytest.approx([0, 1.01, 0, 0])  # the shortest
     # of equal length, the first in the order of code units (ADD before ADDL, 0 before 1),
     # whichever order the search found them in
     for same in (["ADD 1 ADD 0 HLT", "ADD 0 ADD 1 HLT"], ["ADD 0 ADD 1 HLT", "ADD 1 ADD 0 HLT"]):
         task = lmc.Task([[3, 5, 0]], [8], [[1, 1, 4]], [6])
-        weights = ex.task_priorities(task, [tuple(P(p)) for p in same], [1, 1], rules)
+        weights = ex.task_priorities(task, [tuple(P(p)) for p in same], rules)
         assert weights[same.index("ADD 0 ADD 1 HLT")] == pytest.approx(1.01)
     got = priorities(solutions, ["best", "allpairs"])  # without: shared
     assert got == pytest.approx([1.01 / 3] * 3)
