@@ -1019,6 +1019,7 @@ SEARCHERS = {"sf": sample_and_filter, "mcts": gumbel_mcts}
 #             passes a few degenerate test pairs by luck is no solution.
 
 REPLAY_RULES = ("best", "tiebreak", "allpairs")
+UNIT_ORDER = {u: i for i, u in enumerate(CODE_UNITS)}  # the tiebreak's fixed order
 
 
 class ReplayBuffer:
@@ -1062,8 +1063,8 @@ def task_priorities(task, programs, rules):
     best = [k for k, r in enumerate(rewards) if r == top]
     # EXERCISE: drop the tiebreak (let a task's solutions share) and run the test of it
     if "tiebreak" in rules and top == 1.0:  # one solution: the shortest, then the first in the
-        order = {u: i for i, u in enumerate(CODE_UNITS)}  # order of code units, for every task
-        best = [min(best, key=lambda k: (len(programs[k]), [order[u] for u in programs[k]]))]
+        # order of code units, the same choice for every task
+        best = [min(best, key=lambda k: (len(programs[k]), [UNIT_ORDER[u] for u in programs[k]]))]
     elif "best" not in rules:  # the paper's filter: the first of the best
         best = best[:1]
     weights = [0.0] * len(programs)
