@@ -28,7 +28,8 @@ Where we depart from the paper, and why:
   a target only, so no later position can copy it, and "A:", which also ends in ":", stays a
   place to write a code unit.
 - An outcome digit d is valued at d/9 (exact for 3 or 9 examples, close for 4).
-- Replay: the paper stores each task's filtered program at priority reward + 0.01. A task's
+- Replay: the paper stores each task's filtered program and draws by reward (we add 0.01, so
+  that nothing has probability 0). A task's
   equally best programs share its priority (given to the shortest, HLT took all early training);
   its solutions count as one, the shortest, then the first in the order of code units (so every
   task of a kind teaches one program, not a blend of rivals); rewards count all pairs (so a
