@@ -46,6 +46,7 @@ Where we depart from the paper, and why:
 
 import argparse
 import collections
+import glob
 import json
 import math
 import os
@@ -76,8 +77,8 @@ arg("--max_flops", type=float, default=0, help="stop once this many FLOPs are sp
 # model (paper 3.1: 4 layers, 4 heads)
 arg("--dim", type=int, default=256, help="model width")
 # search
-arg("--search", default="sf", choices=["sf", "mcts"], help="the searcher")
-arg("--num_rollouts", type=int, default=128, help="S&F: samples per task")
+arg("--search", default="sf", choices=["sf", "mcts", "enum"], help="the searcher")
+arg("--num_rollouts", type=int, help="programs per task: S&F samples 128, enum runs 100000")
 arg("--gen_temperature", type=float, help="S&F temperature (1.2 add, 1.5 random)")
 arg("--eval_temperature", type=float, help="held-out temperature (0.8 add, 1.0 random)")
 arg("--num_simulations", type=int, default=256, help="MCTS: simulations per decision")
@@ -89,6 +90,7 @@ arg("--batch_size", type=int, default=32, help="trajectories per policy batch")
 arg("--train_steps", type=int, default=8, help="gradient steps per iteration")
 arg("--buffer_iters", type=int, default=4, help="replay keeps the last N iterations' programs")
 arg("--replay", default="best,tiebreak,allpairs", help="our replay rules, or 'paper'")
+arg("--learner", default="exit", choices=["exit", "pg"], help="imitate replay, or REINFORCE")
 # system
 arg("--seed", type=int, default=0, help="one seed for the whole run")
 arg("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
@@ -255,9 +257,7 @@ class Transformer(nn.Module):
             if name.endswith("wo.weight") or name.endswith("w2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
         # matmul parameters: every weight but the embedding table, which is a lookup
-        self.n_matmul = (
-            sum(p.numel() for p in self.parameters()) - self.tok_embeddings.weight.numel()
-        )
+        self.n_matmul = sum(p.numel() for p in self.parameters()) - VOCAB_SIZE * dim
         self.flops = 0.0  # FLOPs of every forward pass so far
         self.tokens = 0  # tokens read so far (padding included)
 
@@ -275,9 +275,7 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         x = self.tok_embeddings(idx)  # (B, T, C)
-        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(
-            1
-        )  # (B, 1, T, hd/2)
+        cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, hd/2)
         if mask is not None:
             mask = mask.unsqueeze(1)  # (B, 1, T, Tk): the same for every head
         n_keys = T if cache is None else cache.length + T
@@ -450,6 +448,24 @@ def prefill(model, tasks, device, capacity=0):
     return cache
 
 
+def steps_then_trie(step_ids, step_vis, next_pos):
+    """Tokens (B, T), positions (B, T) and attention among themselves (B, T, T) for some program
+    steps (B, n) followed by the trie tokens, and each row's last step position (B,). Visible
+    step bytes count up from next_pos; a trie prefix of length k sits k places after the final
+    ':' of "A:". Steps attend causally to visible steps; a trie token sees the steps and its own
+    ancestors in the trie; padding sees only itself (no empty rows)."""
+    (B, n), device = step_ids.shape, step_ids.device
+    ids = torch.cat([step_ids, TRIE_IDS.to(device).expand(B, -1)], 1)
+    pos_steps = next_pos[:, None] + step_vis.long().cumsum(1) - 1
+    last = pos_steps[:, -1]
+    pos = torch.cat([pos_steps, last[:, None] + TRIE_DEPTH.to(device)], 1)
+    mask = torch.ones(n + N_TRIE, n + N_TRIE, dtype=torch.bool, device=device).tril()
+    mask[n:, n:] = TRIE_SEES.to(device)
+    vis = torch.cat([step_vis, torch.ones(B, N_TRIE, dtype=torch.bool, device=device)], 1)
+    mask = (mask & vis[:, None, :]) | torch.eye(n + N_TRIE, dtype=torch.bool, device=device)
+    return ids, pos, mask, last
+
+
 @torch.no_grad()
 def extend(model, cache, paths, store):
     """Read one path of code units per cache row, and return the policy and value after it.
@@ -460,30 +476,17 @@ def extend(model, cache, paths, store):
     (the rollout moves on); otherwise the cache is left as it was (MCTS looks ahead).
     """
     device = cache.visible.device
-    B, d = len(paths), len(paths[0])
-    seg_ids = [[i for u in path for i in SEGMENTS[u][0]] for path in paths]
-    seg_vis = [[v for u in path for v in SEGMENTS[u][1]] for path in paths]
-    n_path = d * SEGMENT
-    ids = torch.cat([torch.tensor(seg_ids, device=device), TRIE_IDS.to(device).expand(B, -1)], 1)
-    vis_path = torch.tensor(seg_vis, device=device)  # (B, d * SEGMENT)
-    # positions: visible path bytes count up from next_pos; a trie prefix of length k sits k
-    # places after the final ':' of "A:"
-    pos_path = cache.next_pos[:, None] + vis_path.long().cumsum(1) - 1
-    last = pos_path[:, -1:]
-    pos = torch.cat([pos_path, last + TRIE_DEPTH.to(device)], 1)  # (B, T)
-    T = n_path + N_TRIE
-    # attention: causal over visible path bytes; trie tokens see the path and their ancestors
-    new = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    new[n_path:, n_path:] = TRIE_SEES.to(device)
-    vis_new = torch.cat([vis_path, torch.ones(B, N_TRIE, dtype=torch.bool, device=device)], 1)
-    new = (new & vis_new[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
-    old = cache.visible[:, None, : cache.length].expand(B, T, cache.length)
+    n_path = len(paths[0]) * SEGMENT
+    step_ids = torch.tensor([[i for u in p for i in SEGMENTS[u][0]] for p in paths], device=device)
+    vis_path = torch.tensor([[v for u in p for v in SEGMENTS[u][1]] for p in paths], device=device)
+    ids, pos, new, last = steps_then_trie(step_ids, vis_path, cache.next_pos)
+    old = cache.visible[:, None, : cache.length].expand(-1, new.shape[1], -1)
     logits = model(ids, pos, torch.cat([old, new], 2), cache)  # (B, T, V)
     trie_logits = logits[:, n_path - 1 :]  # (B, 1 + N_TRIE, V): after "A:", then each prefix
     values, outcome_probs = outcome_value(logits[:, n_path - 4])  # the "?" of the last "O:?"
     if store:
         cache.visible[:, cache.length : cache.length + n_path] = vis_path
-        cache.next_pos = last[:, 0] + 1
+        cache.next_pos = last + 1
         cache.length += n_path
     return unit_logits(trie_logits), values, outcome_probs
 
@@ -552,28 +555,16 @@ class TreeCache:
         self.depth = depth
         self.length = roots.length + depth * SEGMENT  # keys before this call's (model FLOPs)
         # this call: the leaf's step, then the trie, placed and masked as in extend
-        vis_step = torch.tensor(vis, device=device)  # (n, SEGMENT)
-        ids = torch.cat([torch.tensor(ids, device=device), TRIE_IDS.to(device).expand(n, -1)], 1)
-        pos_step = torch.tensor(start, device=device)[:, None] + vis_step.long().cumsum(1) - 1
-        last = pos_step[:, -1:]
-        pos = torch.cat([pos_step, last + TRIE_DEPTH.to(device)], 1)
-        T = SEGMENT + N_TRIE
-        new = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        new[SEGMENT:, SEGMENT:] = TRIE_SEES.to(device)
-        vis_new = torch.cat([vis_step, torch.ones(n, N_TRIE, dtype=torch.bool, device=device)], 1)
-        new = (new & vis_new[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
-        old = torch.cat(
-            [
-                roots.visible[self.rows, : roots.length],
-                torch.tensor(seen, dtype=torch.bool, device=device),
-            ],
-            1,
-        ).view(n, 1, -1)
-        logits = model(ids, pos, torch.cat([old.expand(n, T, -1), new], 2), self)
-        for (row, path), slot, after in zip(
-            leaves, range(self.used, self.used + n), last[:, 0].tolist()
-        ):
-            self.nodes[row, path] = (slot, after + 1)
+        ids, pos, new, last = steps_then_trie(
+            torch.tensor(ids, device=device),
+            torch.tensor(vis, device=device),
+            torch.tensor(start, device=device),
+        )
+        seen = torch.tensor(seen, dtype=torch.bool, device=device)
+        old = torch.cat([roots.visible[self.rows, : roots.length], seen], 1)[:, None]
+        logits = model(ids, pos, torch.cat([old.expand(-1, new.shape[1], -1), new], 2), self)
+        for k, (leaf, after) in enumerate(zip(leaves, last.tolist())):
+            self.nodes[leaf] = (self.used + k, after + 1)
         self.used += n
         values, _ = outcome_value(logits[:, SEGMENT - 4])  # the "?" of the leaf's "O:?"
         return unit_logits(logits[:, SEGMENT - 1 :]), values
@@ -702,12 +693,13 @@ def sample_and_filter(model, tasks, args, generator):
 
     Samples args.num_rollouts programs per task at args.gen_temperature from the policy (eq. 2)
     and keeps, per task, the one that scores best on the train pairs (filter_best). Returns
-    (answers, written): one program per task, and per task the list of all programs sampled.
+    (answers, written, executed): one program per task, per task the list of all programs
+    sampled, and how many programs were run on train pairs.
     """
     samples = rollout(model, tasks, args.num_rollouts, args.gen_temperature, 0.0, generator)
     R = args.num_rollouts
     written = [samples[i * R : (i + 1) * R] for i in range(len(tasks))]
-    return [filter_best(t, w) for t, w in zip(tasks, written)], written
+    return [filter_best(t, w) for t, w in zip(tasks, written)], written, len(samples)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -926,8 +918,9 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
     that would make one are invalid actions at the root (mctx's mask) and get the float minimum
     as prior logits below it, so that eq. 3 never picks them (mctx leaves interior nodes to the
     environment's logits). --mcts_guide policy or value leaves the search the one alone (the other
-    uniform or zero: paper figure 5). Returns (programs, written) like sample_and_filter. With a list
-    as `trace`, each decision appends {task index: (root visit counts, action weights)}.
+    uniform or zero: paper figure 5). Returns (programs, written, executed) like
+    sample_and_filter. With a list as `trace`, each decision appends {task index: (root visit
+    counts, action weights)}.
     """
     device = next(model.parameters()).device
 
@@ -939,12 +932,13 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
     cache = prefill(model, tasks, device)
     prior, values = ablate(*extend(model, cache, [("",)] * len(tasks), store=True)[:2])
     tree = TreeCache(model, cache, len(tasks) * args.num_simulations)  # the steps below the roots
-    programs = [[] for _ in tasks]
+    programs, executed = [[] for _ in tasks], 0
     active = list(range(len(tasks)))  # tasks whose program is unfinished, in cache-row order
     while active:
         tree.clear()  # a fresh search below the new roots
 
         def expand(requests):
+            nonlocal executed
             results, model_rows = [None] * len(requests), {}
             for k, (row, path) in enumerate(requests):
                 program = programs[active[row]] + [CODE_UNITS[a] for a in path]
@@ -952,6 +946,7 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
                     task = tasks[active[row]]
                     reward = lmc.score(program, task.train_inputs, task.train_outputs)[1]
                     results[k] = (np.zeros(len(CODE_UNITS)), 0.0, reward, True)
+                    executed += 1
                 else:
                     model_rows[row] = (k, [CODE_UNITS[a] for a in path])
             if model_rows:  # one call for every tree's new leaf, reading one step each
@@ -994,10 +989,86 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
         active = [active[i] for i in keep]
         step = [(programs[r][-1],) for r in active]
         prior, values = ablate(*extend(model, cache, step, store=True)[:2])
-    return programs, [[p] for p in programs]
+    return programs, [[p] for p in programs], executed
 
 
-SEARCHERS = {"sf": sample_and_filter, "mcts": gumbel_mcts}
+# ----------------------------------------------------------------------------------------------
+# Enumeration: the baseline a skeptic asks for first. It ignores the model and runs programs in
+# order of length on the train pairs until one passes them all. With training on, the model
+# imitates what it finds: expert iteration with an enumerative expert.
+
+INSTRUCTIONS = [(op, d) for op in lmc.OPCODES if op != "HLT" for d in range(10)]
+ARITHMETIC = {
+    "ADD": lambda acc, mem, d: acc + mem[d],
+    "SUB": lambda acc, mem, d: acc - mem[d],
+    "ADDL": lambda acc, mem, d: acc + d,
+    "SUBL": lambda acc, mem, d: acc - d,
+    "LDA": lambda acc, mem, d: mem[d],
+    "LDL": lambda acc, mem, d: d,
+}
+
+
+def enum_step(states, line, op, d):
+    """The machine states after instruction (op, d) at `line` (1-based), one per train input, or
+    None if it makes a runtime error on one. A state is (the line control reaches next, acc,
+    memory); an input whose jump passes over `line` skips it. Jumps go forward only."""
+    if op.startswith("BR") and d <= line + 1:
+        return None
+    after = []
+    for at, acc, mem in states:
+        if at == line + 1:  # a jump onto this instruction's operand
+            return None
+        if at == line:
+            at = line + 2
+            if op == "STA":
+                mem = mem[:d] + (acc,) + mem[d + 1 :]
+            elif op in ARITHMETIC:
+                acc = ARITHMETIC[op](acc, mem, d)
+            elif op == "BRA" or (op == "BRZ" and acc == 0) or (op == "BRP" and acc > 0):
+                at = d
+            if not lmc.INT32_MIN <= acc <= lmc.INT32_MAX:
+                return None
+        after.append((at, acc, mem))
+    return tuple(after)
+
+
+def enumerate_programs(task, budget):
+    """(program, programs executed): the shortest program that passes the task's train pairs,
+    found by running programs in order of length, then of code units. Two classic restrictions
+    keep the count down: jumps go forward only (no loops), and a prefix that leaves the machine
+    in the same states on the train inputs as an earlier prefix of its length is dropped with all
+    its extensions, which would behave exactly as the earlier one's. After `budget` programs it
+    gives up and returns the first that got the most train outputs right."""
+    outputs = task.train_outputs
+    start = tuple((1, x[0], tuple(x[1:]) + (0,) * (11 - len(x))) for x in task.train_inputs)
+    frontier, executed, best = [((), start)], 0, (-1, ["HLT"])
+    while frontier:
+        children, seen = [], set()
+        for prefix, states in frontier:
+            line = len(prefix) + 1  # where HLT stands, or the next instruction
+            right = sum(at == line and acc == y for (at, acc, _), y in zip(states, outputs))
+            executed += 1
+            best = max(best, (right, list(prefix) + ["HLT"]), key=lambda b: b[0])
+            if right == len(outputs) or executed >= budget:
+                return best[1], executed
+            if line + 2 <= MAX_LENGTH and len(children) < budget - executed:
+                for op, d in INSTRUCTIONS:
+                    after = enum_step(states, line, op, d)
+                    if after is not None and after not in seen:
+                        seen.add(after)
+                        children.append((prefix + (op, str(d)), after))
+        frontier = children
+    return best[1], executed
+
+
+def enum_search(model, tasks, args, generator):
+    """Searcher: enumeration, at most args.num_rollouts programs per task; the model is unused.
+    Returns (programs, written, executed) like sample_and_filter."""
+    found = [enumerate_programs(task, args.num_rollouts) for task in tasks]
+    return [p for p, _ in found], [[p] for p, _ in found], sum(n for _, n in found)
+
+
+SEARCHERS = {"sf": sample_and_filter, "mcts": gumbel_mcts, "enum": enum_search}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1101,13 +1172,15 @@ def store(policy_buffer, outcome_buffer, tasks, answers, written, outcome_progra
 PIECE = 16  # trajectories per forward pass in training (see make_batch)
 
 
-def make_batch(trajectories, which, device):
-    """Encoded trajectories as a list of (x, y) tensor pairs; y keeps only the `which` targets.
+def make_batch(trajectories, which, device, weights=None):
+    """Encoded trajectories as a list of (x, y, w) tensors; y keeps only the `which` targets,
+    w (B,) weighs each trajectory's loss (1, or a policy-gradient advantage).
 
     The trajectories are sorted by length and cut into pieces of about PIECE, each padded to
     its own longest, so that a batch of short and long programs wastes little on padding.
     """
-    rows = [encode_trajectory(task, program, outcome) for task, program, outcome in trajectories]
+    weights = [1.0] * len(trajectories) if weights is None else weights
+    rows = [(*encode_trajectory(*t), w) for t, w in zip(trajectories, weights)]
     rows.sort(key=lambda r: len(r[0]))
     n_pieces = max(1, round(len(rows) / PIECE))
     pieces = []
@@ -1116,11 +1189,30 @@ def make_batch(trajectories, which, device):
         width = len(piece[-1][0])  # the longest, since the rows are sorted
         x = torch.full((len(piece), width), PAD, dtype=torch.long)
         y = torch.full((len(piece), width), -1, dtype=torch.long)
-        for i, (ids, y_policy, y_outcome) in enumerate(piece):
+        for i, (ids, y_policy, y_outcome, _) in enumerate(piece):
             x[i, : len(ids)] = torch.tensor(ids)
             y[i, : len(ids)] = torch.tensor(y_policy if which == "policy" else y_outcome)
-        pieces.append((x.to(device), y.to(device)))
+        w = torch.tensor([r[-1] for r in piece])
+        pieces.append((x.to(device), y.to(device), w.to(device)))
     return pieces
+
+
+def reinforce_items(tasks, written):
+    """--learner pg, REINFORCE with a baseline: every program sampled for a task, with its
+    reward minus the mean reward of the task's samples as its weight (the advantage), as
+    ((task, program, outcome), advantage). Weighted so, the policy loss raises the
+    log-probability of the programs that beat their task's mean and lowers the others'."""
+    items = []
+    for task, programs in zip(tasks, written):
+        inputs = task.train_inputs + task.test_inputs
+        rewards = [
+            lmc.score(p, inputs, task.train_outputs + task.test_outputs)[1] for p in programs
+        ]
+        baseline = sum(rewards) / len(rewards)
+        for program, reward in zip(programs, rewards):
+            outcome = lmc.score(program, task.test_inputs, task.test_outputs)[0]
+            items.append(((task, tuple(program), outcome), reward - baseline))
+    return items
 
 
 def train_step(model, optimizer, policy_batch, outcome_batch):
@@ -1135,9 +1227,9 @@ def train_step(model, optimizer, policy_batch, outcome_batch):
             continue
         # each trajectory counts once, however long: a mean over its own targets, then a mean
         # over the trajectories of the whole batch (those with any target of this kind)
-        n_rows = sum(((y >= 0).sum(1) > 0).sum().item() for _, y in batch)
+        n_rows = sum(((y >= 0).sum(1) > 0).sum().item() for _, y, _ in batch)
         total = 0.0
-        for x, y in batch:
+        for x, y, w in batch:
             pos = torch.arange(x.shape[1], device=x.device).expand_as(x)
             flops = model.flops
             logits = model(x, pos)  # plain causal attention; padding only follows real bytes
@@ -1146,7 +1238,8 @@ def train_step(model, optimizer, policy_batch, outcome_batch):
                 logits.transpose(1, 2), y, ignore_index=-1, reduction="none"
             )
             n_targets = (y >= 0).sum(1)  # (B,)
-            loss = (token_loss.sum(1)[n_targets > 0] / n_targets[n_targets > 0]).sum() / n_rows
+            has = n_targets > 0
+            loss = (w[has] * token_loss.sum(1)[has] / n_targets[has]).sum() / n_rows
             loss.backward()
             total += loss.item()
         losses.append(total)
@@ -1279,11 +1372,7 @@ def load_checkpoint(path, device):
 # Experiments (paper section 3): curves against compute, and the difficulty ladder. Pictures need
 # matplotlib, which is optional: every series is also written as CSV, which needs nothing.
 
-PLOT_METRICS = [  # (log.jsonl key, panel title)
-    ("heldout_solved", "held-out tasks solved"),
-    ("heldout_valid", "held-out programs valid (not S, R or T)"),
-    ("train_solved", "training tasks solved by the search"),
-]
+PLOT_KEYS = ["heldout_solved", "heldout_valid", "train_solved"]  # log fields in the CSV
 
 
 def run_label(run_dir):
@@ -1292,11 +1381,10 @@ def run_label(run_dir):
     if not os.path.isfile(path):
         return os.path.basename(os.path.normpath(run_dir))
     a = json.load(open(path))
+    label = f"{a['task']} S&F {a['num_rollouts']} rollouts"
     if a["search"] == "mcts":
-        label = f"{a['task']} MCTS {a['num_simulations']} sims"
-        label += {"both": "", "policy": " policy only", "value": " value only"}[a["mcts_guide"]]
-    else:
-        label = f"{a['task']} S&F {a['num_rollouts']} rollouts"
+        guide = {"both": "", "policy": " policy only", "value": " value only"}[a["mcts_guide"]]
+        label = f"{a['task']} MCTS {a['num_simulations']} sims{guide}"
     return label + " no training" * bool(a.get("no_train")) + f" seed {a['seed']}"
 
 
@@ -1322,52 +1410,46 @@ def write_csv(path, header, rows):
         f.write(",".join(header) + "\n")
         for row in rows:
             f.write(",".join('"' + v + '"' if isinstance(v, str) else str(v) for v in row) + "\n")
+    print(f"wrote {path}")
 
 
-def pyplot():
-    """matplotlib's pyplot drawing to files, or None (with a hint) when it is not installed."""
+def draw(out, curves, **labels):
+    """One picture: curves is a list of (label, xs, ys), on a log x axis. Needs matplotlib,
+    which is optional; without it the caller's CSV is all there is."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): writing CSV only")
-        return None
-    return plt
-
-
-def plot_runs(run_dirs, out):
-    """Figures 3-5: each run's held-out solved (and valid, and search-solved) against FLOPs."""
-    runs = [(d, run_label(d), read_log(d)) for d in run_dirs]
-    csv_path = os.path.splitext(out)[0] + ".csv"
-    keys = [key for key, _ in PLOT_METRICS]
-    write_csv(
-        csv_path,
-        ["run", "label", "iter", "flops"] + keys,
-        [
-            [d, label, r["iter"], r["flops"]] + [r.get(k) for k in keys]
-            for d, label, rows in runs
-            for r in rows
-        ],
-    )
-    print(f"wrote {csv_path}")
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(5 * len(PLOT_METRICS), 4))
-    for ax, (key, title) in zip(axes, PLOT_METRICS):
-        for _, label, rows in runs:
-            points = [(r["flops"], r[key]) for r in rows if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker=".", label=label)
-        ax.set(xscale="log", ylim=(-0.03, 1.03), xlabel="FLOPs (search + training)", title=title)
-        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # label only the powers of ten
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        return print("matplotlib is not installed (pip install matplotlib): writing CSV only")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, xs, ys in curves:
+        ax.plot(xs, ys, marker=".", label=label)
+    ax.set(xscale="log", ylim=(-0.03, 1.03), **labels)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=70)
     print(f"wrote {out}")
+
+
+def plot_runs(run_dirs, out):
+    """Figures 3-5: each run's held-out solved against FLOPs (the CSV has more fields)."""
+    runs = [(d, run_label(d), read_log(d)) for d in run_dirs]
+    rows = [
+        [d, label, r["iter"], r["flops"]] + [r.get(k) for k in PLOT_KEYS]
+        for d, label, log in runs
+        for r in log
+    ]
+    write_csv(
+        os.path.splitext(out)[0] + ".csv", ["run", "label", "iter", "flops"] + PLOT_KEYS, rows
+    )
+    curves = [
+        (label, [r["flops"] for r in log], [r["heldout_solved"] for r in log])
+        for _, label, log in runs
+    ]
+    draw(out, curves, xlabel="FLOPs (search + training)", ylabel="held-out tasks solved")
 
 
 def run_ladder(args, device):
@@ -1375,15 +1457,10 @@ def run_ladder(args, device):
     budget (best of B samples for S&F, B simulations per step for MCTS). The stage "untrained"
     is the run's own initial weights, rebuilt from its seed."""
     budgets = parse_budgets(args, "1,16,64,256")
-    snap_dir = os.path.join(args.ladder, "snapshots")
-    paths = (
-        sorted(p for p in os.listdir(snap_dir) if p.endswith(".pt"))
-        if os.path.isdir(snap_dir)
-        else []
-    )
+    paths = sorted(glob.glob(os.path.join(args.ladder, "snapshots", "*.pt")))
     if not paths:
         raise UserError(f"{args.ladder} has no snapshots: train it with --snapshot_every N")
-    snapshots = [load_checkpoint(os.path.join(snap_dir, p), device) for p in paths]
+    snapshots = [load_checkpoint(p, device) for p in paths]
     saved = snapshots[0]["args"]
     args = check_args(args)
     _, heldout, _ = task_source(args)
@@ -1394,7 +1471,7 @@ def run_ladder(args, device):
     stages += [(f"iteration {s['iteration']}", s["model"]) for s in snapshots]
     searcher = "MCTS simulations" if args.search == "mcts" else "S&F samples"
     print(f"ladder: {args.ladder} on {len(heldout)} held-out {args.task} tasks, {searcher}")
-    results = []
+    results, curves = [], []
     for stage, weights in stages:
         model.load_state_dict(weights)
         solved = []
@@ -1402,28 +1479,18 @@ def run_ladder(args, device):
             gen = torch.Generator().manual_seed(args.seed)
             solved.append(evaluate(model, heldout, args, gen, b, args.search == "mcts")[0])
             results.append([stage, b, solved[-1]])
+        curves.append((stage, budgets, solved))
         print(f"  {stage:>14s}: " + "  ".join(f"{b}: {s:4.0%}" for b, s in zip(budgets, solved)))
     out = args.out or os.path.join(args.ladder, f"ladder_{args.task}.png")
     write_csv(os.path.splitext(out)[0] + ".csv", ["stage", "budget", "solved"], results)
-    print(f"wrote {os.path.splitext(out)[0]}.csv")
-    plt = pyplot()
-    if plt is None:
-        return results
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for stage, _ in stages:
-        ax.plot(budgets, [s for st, _, s in results if st == stage], marker="o", label=stage)
-    ax.set(
-        xscale="log",
-        ylim=(-0.03, 1.03),
-        xlabel=f"search budget ({searcher} per task)",
+    xlabel = f"search budget ({searcher} per task)"
+    draw(
+        out,
+        curves,
+        xlabel=xlabel,
         ylabel=f"held-out {args.task} solved",
         title=f"trained on {saved['task']}",
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=70)
-    print(f"wrote {out}")
     return results
 
 
@@ -1453,6 +1520,10 @@ def check_args(args):
     for key, value in FAMILY_DEFAULTS[family].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.num_rollouts is None:
+        args.num_rollouts = 100_000 if args.search == "enum" else 128
+    if args.learner == "pg" and args.search != "sf":
+        raise UserError("--learner pg learns from S&F's samples: use it with --search sf")
     for key in ["num_tasks", "num_heldout", "num_rollouts", "num_simulations", "batch_size"]:
         if getattr(args, key) < 1:
             raise UserError(f"--{key} must be at least 1, got {getattr(args, key)}")
@@ -1544,6 +1615,9 @@ def main(argv=None):
         sys.exit(1)
 
 
+STATE_KEYS = ("iteration", "flops_search", "flops_train", "elapsed_s", "executed")
+
+
 def start(args, device, state=None):
     """Everything a run carries from one iteration to the next, new or from a checkpoint."""
     torch.manual_seed(args.seed)  # seed once; every random choice flows from these generators
@@ -1561,6 +1635,7 @@ def start(args, device, state=None):
         flops_search=0.0,
         flops_train=0.0,
         elapsed_s=0.0,
+        executed=0,  # programs run on train pairs by the searcher
     )
     if state is not None:
         s.model.load_state_dict(state["model"])
@@ -1569,7 +1644,7 @@ def start(args, device, state=None):
         s.outcome_buffer = restore_buffer(state["outcome_buffer"])
         s.gen.set_state(state["gen"])
         s.eval_gen.set_state(state["eval_gen"])
-        for key in ("iteration", "flops_search", "flops_train", "elapsed_s"):
+        for key in STATE_KEYS:
             setattr(s, key, state[key])
     return s
 
@@ -1584,7 +1659,7 @@ def save(path, s, args):
         gen=s.gen.get_state(),
         eval_gen=s.eval_gen.get_state(),
         args=vars(args),
-        **{k: getattr(s, k) for k in ("iteration", "flops_search", "flops_train", "elapsed_s")},
+        **{k: getattr(s, k) for k in STATE_KEYS},
     )
 
 
@@ -1643,7 +1718,8 @@ def run(args):
         # --- search: the expert writes programs for a fresh batch of training tasks
         tasks = draw(it)
         t0, flops0, tokens0 = time.time(), model.flops, model.tokens
-        answers, written = SEARCHERS[args.search](model, tasks, args, gen)
+        answers, written, executed = SEARCHERS[args.search](model, tasks, args, gen)
+        s.executed += executed
         # the epsilon-greedy sampler writes good and bad programs for the outcome predictor;
         # with MCTS, which admits no syntax error, it keeps to the same grammar
         outcome_programs = []
@@ -1659,11 +1735,19 @@ def run(args):
         )
 
         # --- learn: next-token training on batches drawn from the buffers by priority
+        #     (--learner pg: REINFORCE on this iteration's samples in place of the policy buffer)
         t0, flops0, tokens0 = time.time(), model.flops, model.tokens
         loss_policy = loss_outcome = float("nan")
         model.train()
+        items = reinforce_items(tasks, written) if args.learner == "pg" else None
         for _ in range(0 if args.no_train else args.train_steps):
-            policy = make_batch(s.policy_buffer.sample(args.batch_size, gen), "policy", device)
+            if items is None:
+                drawn = s.policy_buffer.sample(args.batch_size, gen)
+                policy = make_batch(drawn, "policy", device)
+            else:
+                picks = torch.randint(len(items), (args.batch_size,), generator=gen).tolist()
+                drawn = [items[k] for k in picks]
+                policy = make_batch([t for t, _ in drawn], "policy", device, [a for _, a in drawn])
             outcome = None
             if len(s.outcome_buffer):
                 drawn = s.outcome_buffer.sample(max(1, args.batch_size // 4), gen)
@@ -1678,9 +1762,9 @@ def run(args):
         s.iteration, s.elapsed_s = it, time.time() - t_start
         rewards = [lmc.score(p, t.test_inputs, t.test_outputs)[1] for p, t in zip(answers, tasks)]
         simulations = sum(map(len, answers)) * args.num_simulations if args.search == "mcts" else 0
-        n_programs = sum(map(len, written)) + len(outcome_programs)  # every program written
+        n_programs = executed + len(outcome_programs)  # every program run or written
         row = dict(iter=it, elapsed_s=round(s.elapsed_s, 2), flops=s.flops_search + s.flops_train)
-        row.update(flops_search=s.flops_search, flops_train=s.flops_train)
+        row.update(flops_search=s.flops_search, flops_train=s.flops_train, executed=s.executed)
         row.update(
             train_solved=rewards.count(1.0) / len(tasks), mean_reward=sum(rewards) / len(tasks)
         )

@@ -515,7 +515,8 @@ def test_sample_and_filter_keeps_each_tasks_best():
     args = argparse_namespace(num_rollouts=6, gen_temperature=1.5)
     tasks = lmc.make_tasks("add2", 3, 0)
     generator = torch.Generator().manual_seed(1)
-    best, written = ex.sample_and_filter(tiny_model(), tasks, args, generator)
+    best, written, executed = ex.sample_and_filter(tiny_model(), tasks, args, generator)
+    assert executed == 3 * 6
     samples = ex.rollout(tiny_model(), tasks, 6, 1.5, 0.0, torch.Generator().manual_seed(1))
     assert len(best) == 3 and written == [samples[i * 6 : (i + 1) * 6] for i in range(3)]
     for i, task in enumerate(tasks):
@@ -622,6 +623,56 @@ def test_training_pieces_give_the_loss_and_gradient_of_one_block(monkeypatch):
     for loss, grads in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-5)
         assert all(torch.allclose(g, g0, atol=1e-6) for g, g0 in zip(grads, results[0][1]))
+
+
+def test_reinforce_weighs_each_sample_by_its_reward_minus_its_tasks_mean():
+    solved, wrong = lmc.Task([[3, 5]], [8], [[1, 1]], [2]), lmc.Task([[3, 5]], [0], [[1, 1]], [1])
+    written = [[P("ADD 0 HLT"), P("HLT")], [P("HLT"), P("HLT")]]
+    items = ex.reinforce_items([solved, wrong], written)
+    # solved: rewards 1 and 0 around their mean 0.5; wrong: both 0, so no signal at all
+    assert [a for _, a in items] == [0.5, -0.5, 0.0, 0.0]
+    assert items[0][0] == (solved, ("ADD", "0", "HLT"), "9")
+
+
+def test_reinforce_step_makes_the_better_program_likelier():
+    task = lmc.Task([[3, 5]], [8], [[1, 1]], [2])
+    good, bad = P("ADD 0 HLT"), P("SUB 0 HLT")
+    items = ex.reinforce_items([task], [[good, bad]])
+    model = tiny_model().train()
+
+    def logp(program):  # minus the policy loss of one program: its mean log-probability
+        return -ex.train_step(
+            model, opt0, ex.make_batch([(task, program, "9")], "policy", "cpu"), None
+        )[0]
+
+    opt0 = torch.optim.SGD(model.parameters(), lr=0.0)
+    before = logp(good), logp(bad)
+    batch = ex.make_batch([t for t, _ in items], "policy", "cpu", [a for _, a in items])
+    ex.train_step(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, None)
+    assert logp(good) > before[0] and logp(bad) < before[1]
+
+
+def test_enumeration_returns_the_shortest_program_and_counts_every_run():
+    first = lmc.Task([[3, 5], [4, 2]], [3, 4], [[1, 1]], [1])
+    assert ex.enumerate_programs(first, 10) == (P("HLT"), 1)
+    add = lmc.Task([[3, 5], [4, 2]], [8, 6], [[1, 1]], [2])
+    assert ex.enumerate_programs(add, 10) == (P("ADD 0 HLT"), 2)  # HLT, then ADD 0 HLT
+    # HLT, ADD 0, ADD 1 (ADD 2..9 leave the same states as ADD 1: dropped), then SUB 0
+    sub = lmc.Task([[3, 5], [4, 2]], [-2, 2], [[1, 1]], [0])
+    assert ex.enumerate_programs(sub, 10) == (P("SUB 0 HLT"), 4)
+    assert ex.enumerate_programs(sub, 3) == (P("HLT"), 3)  # out of budget: the first best
+    add4 = lmc.make_tasks("add4", 20, 0)
+    for task in add4:
+        program, executed = ex.enumerate_programs(task, 10_000)
+        assert lmc.score(program, task.train_inputs, task.train_outputs)[1] == 1.0
+        assert len(program) <= len(task.program)
+
+
+def test_enumeration_follows_forward_jumps_as_the_machine_does():
+    relu = lmc.Task([[-3], [4], [0], [-1]], [0, 4, 0, 0], [[2]], [2])
+    program, _ = ex.enumerate_programs(relu, 100_000)
+    assert len(program) == 5  # BRP jumps over a literal load: BRP 5 LDL 0 HLT
+    assert [lmc.run(program, x) for x in relu.train_inputs] == relu.train_outputs
 
 
 def test_training_overfits_a_fixed_batch():
@@ -751,7 +802,7 @@ def test_store_keeps_one_program_per_task_for_buffer_iters_iterations(tmp_path, 
 
     def solve(model, tasks, args, generator):  # ADD 0 HLT (right on add2) and HLT, each twice
         written = [[P("ADD 0 HLT"), P("HLT"), P("ADD 0 HLT"), P("HLT")]] * len(tasks)
-        return [P("ADD 0 HLT")] * len(tasks), written
+        return [P("ADD 0 HLT")] * len(tasks), written, 4 * len(tasks)
 
     monkeypatch.setitem(ex.SEARCHERS, "sf", solve)
     real_add = ex.ReplayBuffer.add
@@ -858,6 +909,9 @@ def test_error_bad_flag_values(capsys, tmp_path):
     )
     assert "unknown rule fifo" in error_line(
         capsys, ["--replay", "fifo", "--out_dir", str(tmp_path)]
+    )
+    assert "use it with --search sf" in error_line(
+        capsys, ["--learner", "pg", "--search", "mcts", "--out_dir", str(tmp_path)]
     )
 
 
@@ -1071,7 +1125,7 @@ def test_mcts_ablations_change_what_search_uses(monkeypatch):
 
     monkeypatch.setattr(ex, "gumbel_search", fake_search)
     model = tiny_model()
-    programs, _ = ex.gumbel_mcts(model, [TASK], mcts_args(mcts_guide="value"), torch.Generator())
+    programs, _, _ = ex.gumbel_mcts(model, [TASK], mcts_args(mcts_guide="value"), torch.Generator())
     assert programs == [["HLT"]]
     assert np.all(seen["prior"] == 0) and seen["values"][0] != 0  # value only: uniform prior
     # the leaf below "ADD": a uniform prior over the operands, the opcodes ruled out
@@ -1167,6 +1221,20 @@ def test_no_train_is_search_alone(tmp_path):
     init = ex.Transformer(32).state_dict()
     saved = torch.load(f"{out}/ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(init[k], saved[k]) for k in init)
+
+
+def test_enum_and_reinforce_runs_train_and_log_programs_executed(tmp_path):
+    out = str(tmp_path / "enum")
+    ex.main(["--task", "add2", "--max_iters", "2", "--search", "enum", "--out_dir", out] + TINY)
+    rows = read_log(f"{out}/log.jsonl")
+    # the enumerator solves every add-2 task by its second program (HLT, then ADD 0 HLT), and
+    # its search runs no model but the outcome sampler's
+    assert [r["train_solved"] for r in rows] == [1.0, 1.0]
+    assert rows[1]["executed"] <= 2 * 2 * 2 and rows[1]["flops_train"] > 0
+    out = str(tmp_path / "pg")
+    ex.main(["--task", "add2", "--max_iters", "2", "--learner", "pg", "--out_dir", out] + TINY)
+    rows = read_log(f"{out}/log.jsonl")
+    assert rows[1]["executed"] == 2 * 2 * 2 and rows[1]["loss_policy"] is not None
 
 
 def test_snapshots_and_ladder(tmp_path, capsys):
