@@ -1333,6 +1333,9 @@ def show(model, tasks, args, generator):
 # so it loads with torch.load(weights_only=True).
 
 
+STATE_KEYS = ("iteration", "flops_search", "flops_train", "elapsed_s", "executed")  # counters
+
+
 def buffer_state(buffer):
     items = [
         (t.train_inputs, t.train_outputs, t.test_inputs, t.test_outputs, list(p), o)
@@ -1365,6 +1368,15 @@ def load_checkpoint(path, device):
             f"cannot load checkpoint {path}: corrupt or not an exit checkpoint "
             f"({type(e).__name__})"
         ) from None
+    return state
+
+
+def load_run(path, device):
+    """A checkpoint to resume: it must hold the whole state of a run of this exit.py."""
+    state = load_checkpoint(path, device)
+    missing = [k for k in STATE_KEYS + ("optimizer", "policy_buffer", "gen") if k not in state]
+    if missing:
+        raise UserError(f"cannot resume {path}: it has no {missing[0]} (an older exit.py?)")
     return state
 
 
@@ -1615,9 +1627,6 @@ def main(argv=None):
         sys.exit(1)
 
 
-STATE_KEYS = ("iteration", "flops_search", "flops_train", "elapsed_s", "executed")
-
-
 def start(args, device, state=None):
     """Everything a run carries from one iteration to the next, new or from a checkpoint."""
     torch.manual_seed(args.seed)  # seed once; every random choice flows from these generators
@@ -1691,7 +1700,7 @@ def run(args):
     ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
     state = None
     if args.resume:  # the saved run's settings, but where to run, when to stop, what to keep
-        state = load_checkpoint(ckpt_path, device)
+        state = load_run(ckpt_path, device)
         keep = ("device", "out_dir", "max_iters", "max_flops", "snapshot_every")
         keep = {k: getattr(args, k) for k in keep}
         args = argparse.Namespace(**{**vars(args), **state["args"], **keep})

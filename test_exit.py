@@ -922,6 +922,10 @@ def test_error_checkpoints(capsys, tmp_path):
     line = error_line(capsys, ["--eval", str(bad), "--device", "cpu"])
     assert "cannot load checkpoint" in line and "corrupt" in line
     assert "expected one argument" in error_line(capsys, ["--eval"])
+    # a snapshot holds weights only: it evaluates, but a run cannot resume from it
+    torch.save(dict(model={}, args={}, iteration=0), bad)
+    line = error_line(capsys, ["--resume", "--out_dir", str(tmp_path), "--device", "cpu"])
+    assert line == f"error: cannot resume {bad}: it has no flops_search (an older exit.py?)"
 
 
 def test_error_task_file_names_the_line(capsys, tmp_path):
