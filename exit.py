@@ -15,6 +15,7 @@ hyperparameters), top to bottom:
 Run it:
     python exit.py --task add4                  # learns add-2..4 from scratch
     python exit.py --task add4 --search mcts    # the same with Gumbel MCTS as the searcher
+    python exit.py --task add4 --search enum    # a baseline: enumeration (--learner pg another)
     python exit.py --task mix.jsonl             # your own tasks; a fifth of them held out
     python exit.py --eval runs/add4/ckpt.pt --task add6   # a saved agent, on other tasks
 
