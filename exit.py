@@ -38,10 +38,10 @@ Where we depart from the paper, and why:
 - The replay buffers keep the last 4 iterations: what a weaker policy wrote ages out quickly.
 - Each trajectory weighs the same in the loss (a mean over its targets, then over trajectories):
   with a mean over tokens, long junk programs outweigh the short ones that earn reward.
-- MCTS rules out units that would make a syntax error at every node, not at the root alone as
-  mctx does (the paper adds a leaf "if admissible by the environment"), and its epsilon-greedy
-  outcome sampler keeps to the same grammar, so the outcome predictor learns the states the
-  trees can reach.
+- The environment admits no syntax error: every sampler, and MCTS at every node (mctx masks
+  the root alone), writes only units that keep the program well formed (the paper's MCTS adds a
+  leaf "if admissible by the environment"). Unmasked, S&F's samples on a prompt unlike those it
+  has solved are mostly syntax errors, and it finds nothing there to learn from.
 - Held-out evaluation is measurement, not part of the method: its FLOPs are not counted.
 """
 
@@ -619,9 +619,9 @@ def done(program):
 
 
 @torch.no_grad()
-def rollout(model, tasks, num_rollouts, temperature, epsilon, generator, grammar=False):
-    """num_rollouts programs for each task, written one code unit at a time from the policy.
-    With grammar=True no unit that would make a syntax error is written (syntax_errors).
+def rollout(model, tasks, num_rollouts, temperature, epsilon, generator):
+    """num_rollouts programs for each task, written one code unit at a time from the policy,
+    restricted to the units that make no syntax error (the environment admits none).
 
     Rollouts of a task that have written the same units so far stand in the same state, where
     the policy is the same: we read each distinct state once (one cache row) and draw the next
@@ -644,10 +644,8 @@ def rollout(model, tasks, num_rollouts, temperature, epsilon, generator, grammar
             prior_logits, _, _ = extend(model, cache, last, store=True)
             # one draw for each rollout, from the policy of the state it stands in
             rows = torch.arange(len(states)).repeat_interleave(torch.tensor(crowd))
-            invalid = None
-            if grammar:
-                errors = np.array([syntax_errors(list(units)) for _, units in states])
-                invalid = torch.from_numpy(errors)[rows].to(device)
+            errors = np.array([syntax_errors(list(units)) for _, units in states])
+            invalid = torch.from_numpy(errors)[rows].to(device)
             logits = prior_logits[rows.to(device)]
             draws = choose_units(logits, temperature, epsilon, generator, invalid)
             moves = collections.Counter(zip(rows.tolist(), draws))  # (row, unit) -> rollouts
@@ -1730,12 +1728,10 @@ def run(args):
         t0, flops0, tokens0 = time.time(), model.flops, model.tokens
         answers, written, executed = SEARCHERS[args.search](model, tasks, args, gen)
         s.executed += executed
-        # the epsilon-greedy sampler writes good and bad programs for the outcome predictor;
-        # with MCTS, which admits no syntax error, it keeps to the same grammar
+        # the epsilon-greedy sampler writes good and bad programs for the outcome predictor
         outcome_programs = []
         if not args.no_train:
-            grammar = args.search == "mcts"
-            outcome_programs = rollout(model, tasks, OUTCOME_ROLLOUTS, 0.0, EPSILON, gen, grammar)
+            outcome_programs = rollout(model, tasks, OUTCOME_ROLLOUTS, 0.0, EPSILON, gen)
         search_s, search_tokens = time.time() - t0, model.tokens - tokens0
         s.flops_search += model.flops - flops0
 
