@@ -1251,19 +1251,21 @@ def train_step(model, optimizer, policy_batch, outcome_batch):
 # Evaluation: held-out tasks, one submitted program each
 
 
-def evaluate(model, tasks, args, generator, budget=1, mcts=False):
+def evaluate(model, tasks, args, generator, budget=1, search="sf"):
     """(held-out solved fraction, valid fraction, the submitted programs, their outcomes).
 
     The agent submits one program per task: one sample at args.eval_temperature, or the best of
-    `budget` samples on the train pairs (or, with mcts=True, the program Gumbel MCTS writes with
-    `budget` simulations a step). A task is solved when that program passes all its hidden test
-    pairs; a program is valid when it halts without error. Evaluation is measurement, so its
-    FLOPs are not added to the run's.
+    `budget` samples on the train pairs (search "mcts": the program Gumbel MCTS writes with
+    `budget` simulations a step; "enum": what enumeration finds in `budget` programs, without the
+    model). A task is solved when that program passes all its hidden test pairs; a program is
+    valid when it halts without error. Evaluation is measurement: its FLOPs are not counted.
     """
     flops, tokens = model.flops, model.tokens
-    if mcts:
+    if search == "mcts":
         args = argparse.Namespace(**{**vars(args), "num_simulations": budget})
         submitted = gumbel_mcts(model, tasks, args, generator)[0]
+    elif search == "enum":
+        submitted = [enumerate_programs(task, budget)[0] for task in tasks]
     else:
         K = budget
         programs = rollout(model, tasks, K, args.eval_temperature, 0.0, generator)
@@ -1488,7 +1490,7 @@ def run_ladder(args, device):
         solved = []
         for b in budgets:
             gen = torch.Generator().manual_seed(args.seed)
-            solved.append(evaluate(model, heldout, args, gen, b, args.search == "mcts")[0])
+            solved.append(evaluate(model, heldout, args, gen, b, args.search)[0])
             results.append([stage, b, solved[-1]])
         curves.append((stage, budgets, solved))
         print(f"  {stage:>14s}: " + "  ".join(f"{b}: {s:4.0%}" for b, s in zip(budgets, solved)))
@@ -1825,7 +1827,8 @@ def run_eval_only(args, device):
     """Evaluate a saved agent (--eval) on --task's held-out tasks (any family or task file) at
     each of --budgets, and print held-out solved, overall and by kind or number of inputs; or
     (--show) print how it writes programs for the first three held-out tasks. With --search
-    mcts, Gumbel MCTS writes the submitted programs."""
+    mcts, Gumbel MCTS writes the submitted programs; with --search enum, enumeration does,
+    without the checkpoint's weights (the baseline)."""
     ckpt = args.eval or args.show
     state = load_checkpoint(ckpt, device)
     saved = state["args"]
@@ -1837,17 +1840,23 @@ def run_eval_only(args, device):
     generator = torch.Generator().manual_seed(args.seed)
     if args.show:
         return show(model, heldout[:3], args, generator)
-    mcts = args.search == "mcts"
-    for budget in parse_budgets(args, str(args.num_simulations) if mcts else "1"):
-        solved, _, _, outcomes = evaluate(model, heldout, args, generator, budget, mcts)
+    default = {"mcts": args.num_simulations, "enum": args.num_rollouts}.get(args.search, 1)
+    for budget in parse_budgets(args, str(default)):
+        t0 = time.time()
+        solved, _, _, outcomes = evaluate(model, heldout, args, generator, budget, args.search)
         how = f"best of {budget} samples" if budget > 1 else "one sample"
-        how = f"Gumbel MCTS, {budget} simulations" if mcts else how
+        how += f" at temperature {args.eval_temperature}"
+        how = {
+            "mcts": f"Gumbel MCTS, {budget} simulations a step",
+            "enum": f"enumeration, at most {budget} programs a task",
+        }.get(args.search, how)
         groups = solved_by_group(heldout, outcomes)
         groups = ", ".join(f"{g}: {f:.0%} of {n}" for g, (f, n) in groups.items())
         print(
             f"{ckpt} (trained on {saved['task']}, iteration {state['iteration']}) on "
-            f"{len(heldout)} held-out {args.task} tasks, {how} at temperature "
-            f"{args.eval_temperature}: {solved:.0%} solved ({group_name(heldout)}: {groups})"
+            f"{len(heldout)} held-out {args.task} tasks, {how}: {solved:.0%} solved "
+            f"({group_name(heldout)}: {groups}) "
+            f"in {time.time() - t0:.0f} s"
         )
     return solved
 

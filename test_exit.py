@@ -757,6 +757,10 @@ def test_end_to_end_add2_writes_log_checkpoint_and_resumes(tmp_path, capsys, mon
     ex.main(["--eval", f"{out}/ckpt.pt", "--num_heldout", "4"] + eval_mcts)
     assert calls and "Gumbel MCTS, 4 simulations" in capsys.readouterr().out
     monkeypatch.undo()
+    # with --search enum enumeration does, and on add2 its second program is the answer
+    enum = ["--task", "add2", "--search", "enum", "--budgets", "2"]
+    ex.main(["--eval", f"{out}/ckpt.pt", "--num_heldout", "4"] + enum)
+    assert "enumeration, at most 2 programs a task: 100% solved" in capsys.readouterr().out
     # inside the agent: every part is printed, for both searchers
     for search in ("sf", "mcts"):
         ex.main(
