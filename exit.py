@@ -1214,6 +1214,15 @@ def reinforce_items(tasks, written):
     return items
 
 
+def draw_policy_batch(buffer, items, batch_size, generator, device):
+    """The policy batch: drawn from the policy buffer by priority, or with --learner pg
+    uniformly from this iteration's samples (reinforce_items), each weighed by its advantage."""
+    if items is None:
+        return make_batch(buffer.sample(batch_size, generator), "policy", device)
+    drawn = [items[k] for k in torch.randint(len(items), (batch_size,), generator=generator)]
+    return make_batch([t for t, _ in drawn], "policy", device, [a for _, a in drawn])
+
+
 def train_step(model, optimizer, policy_batch, outcome_batch):
     """One AdamW step on the sum of the policy and outcome losses; returns both (nan for a
     missing batch: the outcome buffer is empty in a --no_train run). Each batch is a
@@ -1749,13 +1758,7 @@ def run(args):
         model.train()
         items = reinforce_items(tasks, written) if args.learner == "pg" else None
         for _ in range(0 if args.no_train else args.train_steps):
-            if items is None:
-                drawn = s.policy_buffer.sample(args.batch_size, gen)
-                policy = make_batch(drawn, "policy", device)
-            else:
-                picks = torch.randint(len(items), (args.batch_size,), generator=gen).tolist()
-                drawn = [items[k] for k in picks]
-                policy = make_batch([t for t, _ in drawn], "policy", device, [a for _, a in drawn])
+            policy = draw_policy_batch(s.policy_buffer, items, args.batch_size, gen, device)
             outcome = None
             if len(s.outcome_buffer):
                 drawn = s.outcome_buffer.sample(max(1, args.batch_size // 4), gen)
