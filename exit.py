@@ -90,7 +90,7 @@ arg("--lr", type=float, help="AdamW learning rate (2e-4 add, 5e-5 random)")
 arg("--batch_size", type=int, default=32, help="trajectories per policy batch")
 arg("--train_steps", type=int, default=8, help="gradient steps per iteration")
 arg("--buffer_iters", type=int, default=4, help="replay keeps the last N iterations' programs")
-arg("--replay", default="best,tiebreak,allpairs", help="our replay rules, or 'paper'")
+arg("--replay", default="paper", help="the paper's rule, or some of best,tiebreak,allpairs")
 arg("--learner", default="exit", choices=["exit", "pg"], help="imitate replay, or REINFORCE")
 # system
 arg("--seed", type=int, default=0, help="one seed for the whole run")

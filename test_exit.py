@@ -592,7 +592,7 @@ def test_replay_rules_parse_and_reject_unknown_ones():
     assert ex.check_args(args).replay == []
     args = ex.parser.parse_args(["--replay", "allpairs,best"])
     assert ex.check_args(args).replay == ["best", "allpairs"]
-    assert ex.check_args(ex.parser.parse_args([])).replay == list(ex.REPLAY_RULES)
+    assert ex.check_args(ex.parser.parse_args([])).replay == []  # the paper's rule by default
     with pytest.raises(ex.UserError, match="unknown rule shortest"):
         ex.check_args(ex.parser.parse_args(["--replay", "shortest"]))
 
