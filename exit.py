@@ -29,12 +29,7 @@ Where we depart from the paper, and why:
   a target only, so no later position can copy it, and "A:", which also ends in ":", stays a
   place to write a code unit.
 - An outcome digit d is valued at d/9 (exact for 3 or 9 examples, close for 4).
-- Replay: the paper stores each task's filtered program and draws by reward (we add 0.01, so
-  that nothing has probability 0). A task's
-  equally best programs share its priority (given to the shortest, HLT took all early training);
-  its solutions count as one, the shortest, then the first in the order of code units (so every
-  task of a kind teaches one program, not a blend of rivals); rewards count all pairs (so a
-  lucky pass of degenerate test pairs is no solution). --replay paper runs the paper's rule.
+- Replay draws by reward + 0.01, so that nothing has probability 0.
 - The replay buffers keep the last 4 iterations: what a weaker policy wrote ages out quickly.
 - Each trajectory weighs the same in the loss (a mean over its targets, then over trajectories):
   with a mean over tokens, long junk programs outweigh the short ones that earn reward.
@@ -1078,8 +1073,8 @@ SEARCHERS = {"sf": sample_and_filter, "mcts": gumbel_mcts, "enum": enum_search}
 # The outcome buffer draws the epsilon-greedy sampler's programs uniformly: the outcome predictor
 # must see bad programs too. Both keep only the last --buffer_iters iterations: what a weaker
 # policy wrote ages out quickly, and the agent follows what its search finds now. The paper
-# stores each task's filtered program; --replay names our three changes to that (all by
-# default; "paper" for none):
+# stores each task's filtered program (the default); --replay names three changes to that,
+# which earlier versions needed and today's measurements do not (the README's ablation):
 #   best      a task's equally best programs share its priority, rather than the first taking
 #             it: early on, when a task's best is any program that runs, no one of them (HLT)
 #             takes all the training;
