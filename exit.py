@@ -1198,14 +1198,14 @@ def reinforce_items(tasks, written):
     log-probability of the programs that beat their task's mean and lowers the others'."""
     items = []
     for task, programs in zip(tasks, written):
-        inputs = task.train_inputs + task.test_inputs
-        rewards = [
-            lmc.score(p, inputs, task.train_outputs + task.test_outputs)[1] for p in programs
-        ]
-        baseline = sum(rewards) / len(rewards)
-        for program, reward in zip(programs, rewards):
-            outcome = lmc.score(program, task.test_inputs, task.test_outputs)[0]
-            items.append(((task, tuple(program), outcome), reward - baseline))
+        programs = [tuple(p) for p in programs]
+        pairs = (task.train_inputs + task.test_inputs, task.train_outputs + task.test_outputs)
+        scored = {  # each distinct program run once: a task's samples repeat
+            p: (lmc.score(p, *pairs)[1], lmc.score(p, task.test_inputs, task.test_outputs)[0])
+            for p in set(programs)
+        }
+        baseline = sum(scored[p][0] for p in programs) / len(programs)
+        items += [((task, p, scored[p][1]), scored[p][0] - baseline) for p in programs]
     return items
 
 
