@@ -992,14 +992,6 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
 # imitates what it finds: expert iteration with an enumerative expert.
 
 INSTRUCTIONS = [(op, d) for op in lmc.OPCODES if op != "HLT" for d in range(10)]
-ARITHMETIC = {
-    "ADD": lambda acc, mem, d: acc + mem[d],
-    "SUB": lambda acc, mem, d: acc - mem[d],
-    "ADDL": lambda acc, mem, d: acc + d,
-    "SUBL": lambda acc, mem, d: acc - d,
-    "LDA": lambda acc, mem, d: mem[d],
-    "LDL": lambda acc, mem, d: d,
-}
 
 
 def enum_step(states, line, op, d):
@@ -1012,14 +1004,9 @@ def enum_step(states, line, op, d):
     for at, acc, mem in states:
         if at == line + 1:  # a jump onto this instruction's operand
             return None
-        if at == line:
-            at = line + 2
-            if op == "STA":
-                mem = mem[:d] + (acc,) + mem[d + 1 :]
-            elif op in ARITHMETIC:
-                acc = ARITHMETIC[op](acc, mem, d)
-            elif op == "BRA" or (op == "BRZ" and acc == 0) or (op == "BRP" and acc > 0):
-                at = d
+        if at == line:  # the machine's own step (lmc.step)
+            acc, mem, jump = lmc.step(op, d, acc, mem)
+            at = line + 2 if jump is None else jump
             if not lmc.INT32_MIN <= acc <= lmc.INT32_MAX:
                 return None
         after.append((at, acc, mem))

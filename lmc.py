@@ -84,6 +84,27 @@ def _compile(program):
 # Running a program
 
 
+def step(op, x, acc, mem):
+    """The effect of one instruction other than HLT: (acc, mem, jump target or None). mem is a
+    tuple of the 10 memory cells; STA returns a new one."""
+    if op == "ADD":
+        return acc + mem[x], mem, None
+    if op == "SUB":
+        return acc - mem[x], mem, None
+    if op == "ADDL":
+        return acc + x, mem, None
+    if op == "SUBL":
+        return acc - x, mem, None
+    if op == "LDA":
+        return mem[x], mem, None
+    if op == "LDL":
+        return x, mem, None
+    if op == "STA":
+        return acc, mem[:x] + (acc,) + mem[x + 1 :], None
+    taken = op == "BRA" or (op == "BRZ" and acc == 0) or (op == "BRP" and acc > 0)
+    return acc, mem, x if taken else None
+
+
 def execute(program, inputs, trace=None):
     """Run `program` on one input list and return (result, error message or None).
 
@@ -95,32 +116,17 @@ def execute(program, inputs, trace=None):
     if error:
         return "S", error
     acc = inputs[0]
-    mem = list(inputs[1:11]) + [0] * (11 - len(inputs))
+    mem = tuple(inputs[1:11]) + (0,) * (11 - len(inputs))
     line = 1
     for _ in range(T_MAX):
         op, x = code[line]
-        # update acc/mem, then move to the next instruction (two lines on) or a jump target
         if op == "HLT":
             if trace is not None:
                 trace.append((line, "HLT", acc, list(mem)))
             return acc, None
-        nxt = line + 2
-        if op == "ADD":
-            acc += mem[x]
-        elif op == "SUB":
-            acc -= mem[x]
-        elif op == "ADDL":
-            acc += x
-        elif op == "SUBL":
-            acc -= x
-        elif op == "LDA":
-            acc = mem[x]
-        elif op == "LDL":
-            acc = x
-        elif op == "STA":
-            mem[x] = acc
-        elif op == "BRA" or (op == "BRZ" and acc == 0) or (op == "BRP" and acc > 0):
-            nxt = x
+        # update acc/mem, then move to the next instruction (two lines on) or a jump target
+        acc, mem, jump = step(op, x, acc, mem)
+        nxt = line + 2 if jump is None else jump
         if trace is not None:
             trace.append((line, f"{op} {x}", acc, list(mem)))
         if not INT32_MIN <= acc <= INT32_MAX:
