@@ -84,8 +84,7 @@ arg("--mcts_guide", default="both", choices=["both", "policy", "value"], help="M
 arg("--lr", type=float, help="AdamW learning rate (2e-4 add, 5e-5 random)")
 arg("--batch_size", type=int, default=32, help="trajectories per policy batch")
 arg("--train_steps", type=int, default=8, help="gradient steps per iteration")
-arg("--buffer_iters", type=int, default=4, help="replay keeps the last N iterations' programs")
-arg("--replay", default="paper", help="the paper's rule, or some of best,tiebreak,allpairs")
+arg("--buffer_iters", type=int, default=4, help="replay keeps N iterations (0: all, the paper)")
 arg("--learner", default="exit", choices=["exit", "pg"], help="imitate replay, or REINFORCE")
 # system
 arg("--seed", type=int, default=0, help="one seed for the whole run")
@@ -669,15 +668,14 @@ def rollout(model, tasks, num_rollouts, temperature, epsilon, generator):
     return programs
 
 
-def filter_best(task, programs, tiebreak=True):
+def filter_best(task, programs):
     """Filtering: of one task's programs, the one that scores best on the train pairs (the only
-    pairs a searcher may see). Ties go to the first written, or with tiebreak to the shortest,
-    then to the one written most often: the policy's own favourite among equal programs."""
+    pairs a searcher may see). Ties go to the shortest, then to the one written most often: the
+    policy's own favourite among equal programs, then the first written."""
     written = collections.Counter(map(tuple, programs))  # first-written order
 
     def key(p):
-        reward = lmc.score(p, task.train_inputs, task.train_outputs)[1]
-        return (reward, -len(p), written[p]) if tiebreak else (reward,)
+        return (lmc.score(p, task.train_inputs, task.train_outputs)[1], -len(p), written[p])
 
     return list(max(written, key=key))  # max keeps the first of equal keys
 
@@ -1054,25 +1052,14 @@ SEARCHERS = {"sf": sample_and_filter, "mcts": gumbel_mcts, "enum": enum_search}
 
 # ----------------------------------------------------------------------------------------------
 # Replay (paper 2.3): what the policy trains on.
-# The policy buffer draws programs with probability proportional to a priority that grows with
-# their reward, the paper's reward + 0.01 (prioritized replay, Schaul et al. 2015): the agent
-# trains most on what the search solved, some on partial solutions, hardly at all on the rest.
-# The outcome buffer draws the epsilon-greedy sampler's programs uniformly: the outcome predictor
-# must see bad programs too. Both keep only the last --buffer_iters iterations: what a weaker
-# policy wrote ages out quickly, and the agent follows what its search finds now. The paper
-# stores each task's filtered program (the default); --replay names three changes to that,
-# which earlier versions needed and today's measurements do not (the README's ablation):
-#   best      a task's equally best programs share its priority, rather than the first taking
-#             it: early on, when a task's best is any program that runs, no one of them (HLT)
-#             takes all the training;
-#   tiebreak  a task's solutions count as one, the shortest, then the first in the fixed order
-#             of code units: every task of a kind teaches the same solution, not a blend of
-#             rival ones (ADD 0 ADD 1 HLT and ADD 1 ADD 0 HLT sampled into ADD 1 ADD 1 HLT);
-#   allpairs  rewards count all the task's pairs, train and hidden test, so that a program that
-#             passes a few degenerate test pairs by luck is no solution.
-
-REPLAY_RULES = ("best", "tiebreak", "allpairs")
-UNIT_ORDER = {u: i for i, u in enumerate(CODE_UNITS)}  # the tiebreak's fixed order
+# The searcher returns one program per task, the best it found on the train pairs (filtering;
+# ties go to the shortest, then to the one the policy wrote most). The policy buffer draws these
+# programs with probability proportional to a priority that grows with their reward on the
+# hidden test pairs, reward + 0.01 (the paper's prioritized replay, after Schaul et al. 2015):
+# the agent trains most on what the search solved, some on partial solutions, and a little on
+# the rest. The outcome buffer draws the epsilon-greedy sampler's programs uniformly: the
+# outcome predictor must see bad programs too. One departure: both buffers keep only the last
+# --buffer_iters iterations (0 keeps all, as the paper), so what a weaker policy wrote ages out.
 
 
 class ReplayBuffer:
@@ -1105,41 +1092,23 @@ class ReplayBuffer:
         return [self.items[i] for i in picks.tolist()]
 
 
-def task_priorities(task, programs, rules):
-    """Policy-buffer priorities for the distinct programs one task got in one iteration (see
-    above)."""
-    inputs, outputs = task.test_inputs, task.test_outputs
-    if "allpairs" in rules:
-        inputs, outputs = task.train_inputs + inputs, task.train_outputs + outputs
-    rewards = [lmc.score(p, inputs, outputs)[1] for p in programs]
-    top = max(rewards)
-    best = [k for k, r in enumerate(rewards) if r == top]
-    # EXERCISE: drop the tiebreak (let a task's solutions share) and run the test of it
-    if "tiebreak" in rules and top == 1.0:  # one solution: the shortest, then the first in the
-        # order of code units, the same choice for every task
-        best = [min(best, key=lambda k: (len(programs[k]), [UNIT_ORDER[u] for u in programs[k]]))]
-    elif "best" not in rules:  # the paper's filter: the first of the best
-        best = best[:1]
-    weights = [0.0] * len(programs)
-    for k in best:  # the task's best programs share the priority of its best reward
-        weights[k] = (max(top, 0.0) + 0.01) / len(best)
-    return weights
+def priority(reward):
+    """A stored program's priority: its reward on the hidden test pairs, plus 0.01 so that no
+    program has probability 0 (a syntax error's negative reward counts as 0)."""
+    # EXERCISE: raise it to a power alpha (Schaul et al.) and run the test of it
+    return max(reward, 0.0) + 0.01
 
 
-def store(policy_buffer, outcome_buffer, tasks, answers, written, outcome_programs, it, args):
-    """The store step: the search's programs into the policy buffer by the replay rule, the
-    outcome sampler's into the outcome buffer; each keeps its outcome on the hidden test pairs.
+def store(policy_buffer, outcome_buffer, tasks, answers, outcome_programs, it, args):
+    """The store step: each task's answer into the policy buffer by priority, the outcome
+    sampler's programs into the outcome buffer; each keeps its outcome on the hidden test pairs.
     Both buffers first forget what is older than --buffer_iters iterations."""
-    for buffer in (policy_buffer, outcome_buffer):
-        buffer.age_out(it - args.buffer_iters + 1)
-    for task, answer, programs in zip(tasks, answers, written):
-        distinct = list(dict.fromkeys(map(tuple, programs)))  # in the order first written
-        kept = distinct if args.replay else [tuple(answer)]  # the paper: S&F's filtered one
-        weights = task_priorities(task, kept, args.replay)
-        for program, weight in zip(kept, weights):
-            if weight > 0:
-                outcome = lmc.score(program, task.test_inputs, task.test_outputs)[0]
-                policy_buffer.add((task, program, outcome), weight, it)
+    if args.buffer_iters:
+        for buffer in (policy_buffer, outcome_buffer):
+            buffer.age_out(it - args.buffer_iters + 1)
+    for task, answer in zip(tasks, answers):
+        outcome, reward = lmc.score(answer, task.test_inputs, task.test_outputs)
+        policy_buffer.add((task, tuple(answer), outcome), priority(reward), it)
     for j, program in enumerate(outcome_programs):
         task = tasks[j // OUTCOME_ROLLOUTS]
         outcome = lmc.score(program, task.test_inputs, task.test_outputs)[0]
@@ -1532,7 +1501,7 @@ def check_args(args):
         if getattr(args, key) < 1:
             raise UserError(f"--{key} must be at least 1, got {getattr(args, key)}")
     for key in ["buffer_iters", "train_steps", "max_iters", "snapshot_every", "max_flops"]:
-        if getattr(args, key) < 0 or (key == "buffer_iters" and args.buffer_iters < 1):
+        if getattr(args, key) < 0:
             raise UserError(f"--{key} must not be negative, got {getattr(args, key)}")
     for key in ["gen_temperature", "eval_temperature", "lr"]:
         if not getattr(args, key) > 0:
@@ -1543,15 +1512,6 @@ def check_args(args):
         raise UserError(f"--dim must be a positive multiple of 8, got {args.dim}")
     if args.search not in SEARCHERS:
         raise UserError(f"--search {args.search} is not built yet")
-    if isinstance(args.replay, str):  # "tiebreak,allpairs" -> a list; "paper" -> no rule
-        rules = [] if args.replay == "paper" else args.replay.split(",")
-        unknown = [r for r in rules if r not in REPLAY_RULES]
-        if unknown:
-            raise UserError(
-                f"--replay: unknown rule {unknown[0]}; use 'paper' or some of "
-                + ",".join(REPLAY_RULES)
-            )
-        args.replay = [r for r in REPLAY_RULES if r in rules]
     return args
 
 
@@ -1729,9 +1689,7 @@ def run(args):
         s.flops_search += model.flops - flops0
 
         # --- store: what the search wrote goes into the replay buffers
-        store(
-            s.policy_buffer, s.outcome_buffer, tasks, answers, written, outcome_programs, it, args
-        )
+        store(s.policy_buffer, s.outcome_buffer, tasks, answers, outcome_programs, it, args)
 
         # --- learn: next-token training on batches drawn from the buffers by priority
         #     (--learner pg: REINFORCE on this iteration's samples in place of the policy buffer)

@@ -499,7 +499,6 @@ def test_filter_best_filters_on_train_pairs():
     task = lmc.Task([[3, 5], [4, 8]], [8, 12], [[1, 1]], [999], None)
     programs = [P("HLT"), P("ADD 0 ADDL 0 HLT"), P("ADD 0 HLT"), P("BRA 0 HLT")]
     assert ex.filter_best(task, programs) == P("ADD 0 HLT")  # the shorter of the two
-    assert ex.filter_best(task, programs, tiebreak=False) == P("ADD 0 ADDL 0 HLT")
 
 
 def test_filter_best_ties_go_to_the_shortest_then_the_most_written():
@@ -508,7 +507,7 @@ def test_filter_best_ties_go_to_the_shortest_then_the_most_written():
     padded = P("ADD 0 ADD 1 ADD 2 HLT")
     assert ex.filter_best(task, [padded] * 5 + [one, two, two]) == two  # written twice
     assert ex.filter_best(task, [padded] * 5 + [one, two, one]) == one
-    assert ex.filter_best(task, [padded] * 5 + [one, two], tiebreak=False) == padded
+    assert ex.filter_best(task, [padded] * 5 + [two, one]) == two  # then the first written
 
 
 def test_sample_and_filter_keeps_each_tasks_best():
@@ -536,47 +535,14 @@ def argparse_namespace(**kw):
     return argparse.Namespace(**kw)
 
 
-# a task whose three hidden test pairs have 1 as second input: adding 1 passes them by luck
-LUCKY_TASK = lmc.Task([[8, 6], [7, 2], [8, 6]], [14, 9, 14], [[5, 1], [3, 1], [5, 1]], [6, 4, 6])
-
-
-def priorities(programs, rules):
-    return ex.task_priorities(LUCKY_TASK, [tuple(P(p)) for p in programs], rules)
-
-
 def test_priority_is_the_reward_plus_a_little():
-    # the paper's rule: the one stored program's reward on the test pairs, plus 0.01
-    assert priorities(["ADDL 1 HLT"], []) == pytest.approx([1.01])  # lucky: passes the test pairs
-    assert priorities(["LDL 0 HLT"], []) == pytest.approx([0.01])
-    assert priorities(["ADD"], []) == pytest.approx([0.01])  # errors too
-
-
-def test_allpairs_counts_the_train_pairs_too():
-    # the lucky program is wrong on all 3 train pairs: half the pairs, not a solution
-    assert priorities(["ADDL 1 HLT", "LDL 0 HLT"], ["allpairs"]) == pytest.approx([0.51, 0])
-    assert priorities(["ADDL 1 HLT", "ADD 0 HLT"], ["allpairs"]) == pytest.approx([0, 1.01])
-
-
-def test_best_shares_the_priority_among_equally_good_programs():
-    # two programs that run but pass nothing, and a syntax error: the two share, the error none
-    got = priorities(["HLT", "LDL 0 HLT", "ADD HLT"], ["best", "allpairs"])
-    assert got == pytest.approx([0.005, 0.005, 0])
-    assert priorities(["HLT", "LDL 0 HLT", "ADD HLT"], ["allpairs"]) == pytest.approx([0.01, 0, 0])
-
-
-def test_tiebreak_gives_a_tasks_priority_to_its_shortest_then_first_ordered_solution():
-    rules = ["best", "tiebreak", "allpairs"]
-    solutions = ["ADD 0 ADDL 0 HLT", "ADD 0 HLT", "ADDL 0 ADD 0 HLT"]
-    got = priorities(solutions + ["LDL 0 HLT"], rules)
-    assert got == pytest.approx([0, 1.01, 0, 0])  # the shortest
-    # of equal length, the first in the order of code units (ADD before ADDL, 0 before 1),
-    # whichever order the search found them in
-    for same in (["ADD 1 ADD 0 HLT", "ADD 0 ADD 1 HLT"], ["ADD 0 ADD 1 HLT", "ADD 1 ADD 0 HLT"]):
-        task = lmc.Task([[3, 5, 0]], [8], [[1, 1, 4]], [6])
-        weights = ex.task_priorities(task, [tuple(P(p)) for p in same], rules)
-        assert weights[same.index("ADD 0 ADD 1 HLT")] == pytest.approx(1.01)
-    got = priorities(solutions, ["best", "allpairs"])  # without: shared
-    assert got == pytest.approx([1.01 / 3] * 3)
+    # the paper's rule: the stored program's reward on the hidden test pairs, plus 0.01
+    task = lmc.Task([[8, 6], [7, 2]], [14, 9], [[5, 1], [3, 1], [5, 2]], [6, 4, 7])
+    reward = lambda p: lmc.score(P(p), task.test_inputs, task.test_outputs)[1]  # noqa: E731
+    assert ex.priority(reward("ADD 0 HLT")) == pytest.approx(1.01)
+    assert ex.priority(reward("ADDL 1 HLT")) == pytest.approx(2 / 3 + 0.01)  # 2 of 3 pairs
+    assert ex.priority(reward("LDL 0 HLT")) == pytest.approx(0.01)
+    assert ex.priority(reward("ADD")) == pytest.approx(0.01)  # errors too
 
 
 def test_higher_priority_drawn_more_often():
@@ -585,16 +551,6 @@ def test_higher_priority_drawn_more_often():
     buffer.add("partial", 1.0, 0)
     draws = buffer.sample(5000, torch.Generator().manual_seed(0))
     assert 7 < draws.count("good") / draws.count("partial") < 11
-
-
-def test_replay_rules_parse_and_reject_unknown_ones():
-    args = ex.parser.parse_args(["--replay", "paper"])
-    assert ex.check_args(args).replay == []
-    args = ex.parser.parse_args(["--replay", "allpairs,best"])
-    assert ex.check_args(args).replay == ["best", "allpairs"]
-    assert ex.check_args(ex.parser.parse_args([])).replay == []  # the paper's rule by default
-    with pytest.raises(ex.UserError, match="unknown rule shortest"):
-        ex.check_args(ex.parser.parse_args(["--replay", "shortest"]))
 
 
 def test_replay_buffer_ages_out_old_iterations():
@@ -817,14 +773,14 @@ def test_store_keeps_one_program_per_task_for_buffer_iters_iterations(tmp_path, 
     flags = ["--task", "add2", "--max_iters", "3", "--buffer_iters", "2", "--no_train"]
     ex.main(flags + TINY + ["--out_dir", out])
     rows = read_log(f"{out}/log.jsonl")
-    # one solution per task (2 tasks) and iteration, kept for 2 iterations; HLT gets nothing
+    # each task's answer alone (2 tasks), kept for 2 iterations; the other samples are not stored
     assert [r["policy_buffer"] for r in rows] == [2, 4, 4]
     assert [r["train_solved"] for r in rows] == [1.0] * 3
     assert stored == pytest.approx([1.01] * 6)
     stored.clear()
-    ex.main(flags + TINY + ["--out_dir", out + "paper", "--replay", "paper"])
-    assert [r["policy_buffer"] for r in read_log(f"{out}paper/log.jsonl")] == [2, 4, 4]
-    assert stored == pytest.approx([1.01] * 6)  # the filtered program alone, reward + 0.01
+    flags[flags.index("--buffer_iters") + 1] = "0"
+    ex.main(flags + TINY + ["--out_dir", out + "all"])
+    assert [r["policy_buffer"] for r in read_log(f"{out}all/log.jsonl")] == [2, 4, 6]  # keeps all
 
 
 def same_task(a, b):
@@ -911,8 +867,8 @@ def test_error_bad_flag_values(capsys, tmp_path):
     assert "--dim must be a positive multiple of 8" in error_line(
         capsys, ["--dim", "12", "--out_dir", str(tmp_path)]
     )
-    assert "unknown rule fifo" in error_line(
-        capsys, ["--replay", "fifo", "--out_dir", str(tmp_path)]
+    assert "--buffer_iters must not be negative" in error_line(
+        capsys, ["--buffer_iters", "-1", "--out_dir", str(tmp_path)]
     )
     assert "use it with --search sf" in error_line(
         capsys, ["--learner", "pg", "--search", "mcts", "--out_dir", str(tmp_path)]
