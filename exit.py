@@ -1349,7 +1349,7 @@ PLOT_KEYS = ["heldout_solved", "heldout_valid", "train_solved"]  # log fields in
 
 
 def run_label(run_dir):
-    """How a run is named on a plot: task, searcher and its budget, ablations, seed."""
+    """How a run is named on a plot: task, searcher and its budget, learner, ablations, seed."""
     path = os.path.join(run_dir, "args.json")
     if not os.path.isfile(path):
         return os.path.basename(os.path.normpath(run_dir))
@@ -1358,7 +1358,13 @@ def run_label(run_dir):
     if a["search"] == "mcts":
         guide = {"both": "", "policy": " policy only", "value": " value only"}[a["mcts_guide"]]
         label = f"{a['task']} MCTS {a['num_simulations']} sims{guide}"
-    return label + " no training" * bool(a.get("no_train")) + f" seed {a['seed']}"
+    if a["search"] == "enum":
+        label = f"{a['task']} enumeration"
+    label += " REINFORCE" * (a.get("learner") == "pg") + " no training" * bool(a.get("no_train"))
+    buffer_iters = a.get("buffer_iters", parser.get_default("buffer_iters"))
+    if buffer_iters != parser.get_default("buffer_iters"):
+        label += f" buffer {buffer_iters or 'all'}"
+    return label + f" seed {a['seed']}"
 
 
 def read_log(run_dir):

@@ -1260,6 +1260,12 @@ def test_run_label_names_search_and_ablations(tmp_path):
     args = json.load(open(f"{path}/args.json"))
     json.dump({**args, "mcts_guide": "policy"}, open(f"{path}/args.json", "w"))
     assert ex.run_label(path) == "add4 MCTS 256 sims policy only seed 0"
+    json.dump({**args, "search": "sf", "learner": "pg"}, open(f"{path}/args.json", "w"))
+    assert ex.run_label(path) == "add4 S&F 32 rollouts REINFORCE seed 0"
+    json.dump({**args, "search": "sf", "buffer_iters": 0}, open(f"{path}/args.json", "w"))
+    assert ex.run_label(path) == "add4 S&F 32 rollouts buffer all seed 0"
+    json.dump({**args, "search": "enum", "no_train": True}, open(f"{path}/args.json", "w"))
+    assert ex.run_label(path) == "add4 enumeration no training seed 0"
 
 
 def test_plot_without_matplotlib_writes_csv_only(tmp_path, capsys, monkeypatch):
