@@ -91,6 +91,7 @@ arg("--seed", type=int, default=0, help="one seed for the whole run")
 arg("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
 arg("--out_dir", help="log and checkpoint folder (default runs/<task>)")
 arg("--resume", action="store_true", help="continue the run saved in --out_dir")
+arg("--init", metavar="CKPT", help="start from a saved agent's weights (climb the ladder)")
 arg("--eval", metavar="CKPT", help="evaluate a checkpoint on --task's held-out tasks, then exit")
 arg("--show", metavar="CKPT", help="print how a checkpoint writes programs for 3 held-out tasks")
 # experiments (paper section 3): a baseline, snapshots, plots, the ladder
@@ -1662,12 +1663,17 @@ def run(args):
         keep = ("device", "out_dir", "max_iters", "max_flops", "snapshot_every")
         keep = {k: getattr(args, k) for k in keep}
         args = argparse.Namespace(**{**vars(args), **state["args"], **keep})
+    init = load_checkpoint(args.init, device) if args.init and state is None else None
+    if init is not None:  # a saved agent's weights, with a fresh optimizer and buffers
+        args.dim = init["args"]["dim"]
     args = check_args(args)
     draw, heldout, about = task_source(args)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "args.json"), "w") as f:  # what --plot labels the run by
         json.dump(vars(args), f)
     s = start(args, device, state)
+    if init is not None:
+        s.model.load_state_dict(init["model"])
     model, gen = s.model, s.gen
     print(
         f"task {args.task} ({about}) | search {args.search} | device {device} | "
@@ -1675,6 +1681,10 @@ def run(args):
     )
     if state is not None:
         print(f"resumed {ckpt_path} after iteration {s.iteration}")
+    if init is not None:
+        print(
+            f"from {args.init} (trained on {init['args']['task']}, iteration {init['iteration']})"
+        )
     kept = []  # log rows up to the checkpoint; later ones are dropped
     if state is not None and os.path.exists(log_path):
         kept = [line for line in open(log_path) if json.loads(line)["iter"] <= s.iteration]

@@ -757,6 +757,30 @@ def test_a_resumed_run_is_the_run_never_stopped(tmp_path):
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
 
 
+def test_init_starts_a_fresh_run_from_a_saved_agents_weights(tmp_path, capsys):
+    flags = ["--max_iters", "1"] + TINY
+    ex.main(["--task", "add2", "--out_dir", str(tmp_path / "a")] + flags)
+    saved = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
+    seen = []  # the weights the first search of the new run reads
+    real = ex.SEARCHERS["sf"]
+
+    def spy(model, *a):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real(model, *a)
+
+    ex.SEARCHERS["sf"] = spy
+    try:
+        init = ["--init", str(tmp_path / "a" / "ckpt.pt"), "--dim", "64"]  # the saved dim wins
+        ex.main(["--task", "add3", "--out_dir", str(tmp_path / "b")] + flags + init)
+    finally:
+        ex.SEARCHERS["sf"] = real
+    assert all(torch.equal(seen[0][k], saved[k]) for k in saved)
+    assert "trained on add2, iteration 0" in capsys.readouterr().out
+    rows = read_log(tmp_path / "b" / "log.jsonl")
+    assert [r["iter"] for r in rows] == [0] and rows[0]["policy_buffer"] == 2  # a fresh run
+    assert "no checkpoint at" in error_line(capsys, ["--init", str(tmp_path / "none.pt")] + flags)
+
+
 def test_store_keeps_one_program_per_task_for_buffer_iters_iterations(tmp_path, monkeypatch):
     stored = []
 
