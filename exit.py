@@ -1434,8 +1434,8 @@ def plot_runs(run_dirs, out):
 
 def run_ladder(args, device):
     """Figure 2: every snapshot of a run, evaluated on --task's held-out tasks at each search
-    budget (best of B samples for S&F, B simulations per step for MCTS). The stage "untrained"
-    is the run's own initial weights, rebuilt from its seed."""
+    budget (best of B samples for S&F, B simulations per step for MCTS). The first stage is the
+    run's own initial weights, rebuilt from its seed, or the agent it started from (--init)."""
     budgets = parse_budgets(args, "1,16,64,256")
     paths = sorted(glob.glob(os.path.join(args.ladder, "snapshots", "*.pt")))
     if not paths:
@@ -1448,6 +1448,9 @@ def run_ladder(args, device):
     model = Transformer(saved["dim"]).to(device).eval()
     # a copy: loading a snapshot later overwrites the model's own tensors in place
     stages = [("untrained", {k: v.clone() for k, v in model.state_dict().items()})]
+    if saved.get("init"):  # a run that began from a saved agent (--init) begins there
+        start = load_checkpoint(saved["init"], device)
+        stages = [(f"{start['args']['task']} agent", start["model"])]
     stages += [(f"iteration {s['iteration']}", s["model"]) for s in snapshots]
     searcher = "MCTS simulations" if args.search == "mcts" else "S&F samples"
     print(f"ladder: {args.ladder} on {len(heldout)} held-out {args.task} tasks, {searcher}")

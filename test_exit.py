@@ -1237,6 +1237,13 @@ def test_snapshots_and_ladder(tmp_path, capsys):
     assert "--budgets must be" in error_line(
         capsys, ["--ladder", out, "--budgets", "1,x", "--device", "cpu"]
     )
+    # a run that began from a saved agent begins its ladder with that agent
+    out2 = str(tmp_path / "run2")
+    init = ["--init", f"{out}/snapshots/iter_0002.pt", "--snapshot_every", "1"]
+    ex.main(["--task", "add3", "--max_iters", "1", "--out_dir", out2] + TINY + init)
+    argv[1] = out2
+    results = ex.run(ex.parser.parse_args(argv + ["--device", "cpu", "--out", picture]))
+    assert [s for s, b, _ in results if b == 1] == ["add2 agent", "iteration 0"]
     # a resumed run keeps snapshots as the resuming command asks, not as the saved run did
     ex.main(
         ["--task", "add2", "--max_iters", "5", "--snapshot_every", "1", "--out_dir", out]
