@@ -18,6 +18,7 @@ Run it:
     python exit.py --task add4 --search enum    # a baseline: enumeration (--learner pg another)
     python exit.py --task mix.jsonl             # your own tasks; a fifth of them held out
     python exit.py --eval runs/add4/ckpt.pt --task add6   # a saved agent, on other tasks
+    python exit.py --task add6 --init runs/add4/ckpt.pt   # the ladder: train on from there
 
 On a 2-core laptop CPU the add4 demo takes minutes (the README has the measured times).
 
