@@ -1104,17 +1104,21 @@ def priority(reward):
 def store(policy_buffer, outcome_buffer, tasks, answers, outcome_programs, it, args):
     """The store step: each task's answer into the policy buffer by priority, the outcome
     sampler's programs into the outcome buffer; each keeps its outcome on the hidden test pairs.
-    Both buffers first forget what is older than --buffer_iters iterations."""
+    Both buffers first forget what is older than --buffer_iters iterations. Returns the
+    answers' rewards on the hidden test pairs."""
     if args.buffer_iters:
         for buffer in (policy_buffer, outcome_buffer):
             buffer.age_out(it - args.buffer_iters + 1)
+    rewards = []
     for task, answer in zip(tasks, answers):
         outcome, reward = lmc.score(answer, task.test_inputs, task.test_outputs)
         policy_buffer.add((task, tuple(answer), outcome), priority(reward), it)
+        rewards.append(reward)
     for j, program in enumerate(outcome_programs):
         task = tasks[j // OUTCOME_ROLLOUTS]
         outcome = lmc.score(program, task.test_inputs, task.test_outputs)[0]
         outcome_buffer.add((task, tuple(program), outcome), 1.0, it)
+    return rewards
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1447,11 +1451,11 @@ def run_ladder(args, device):
     _, heldout, _ = task_source(args)
     torch.manual_seed(saved["seed"])  # the same draw that built the run's model at iteration 0
     model = Transformer(saved["dim"]).to(device).eval()
-    # a copy: loading a snapshot later overwrites the model's own tensors in place
-    stages = [("untrained", {k: v.clone() for k, v in model.state_dict().items()})]
     if saved.get("init"):  # a run that began from a saved agent (--init) begins there
         start = load_checkpoint(saved["init"], device)
         stages = [(f"{start['args']['task']} agent", start["model"])]
+    else:  # a copy: loading a snapshot later overwrites the model's own tensors in place
+        stages = [("untrained", {k: v.clone() for k, v in model.state_dict().items()})]
     stages += [(f"iteration {s['iteration']}", s["model"]) for s in snapshots]
     searcher = "MCTS simulations" if args.search == "mcts" else "S&F samples"
     print(f"ladder: {args.ladder} on {len(heldout)} held-out {args.task} tasks, {searcher}")
@@ -1709,7 +1713,9 @@ def run(args):
         s.flops_search += model.flops - flops0
 
         # --- store: what the search wrote goes into the replay buffers
-        store(s.policy_buffer, s.outcome_buffer, tasks, answers, outcome_programs, it, args)
+        rewards = store(
+            s.policy_buffer, s.outcome_buffer, tasks, answers, outcome_programs, it, args
+        )
 
         # --- learn: next-token training on batches drawn from the buffers by priority
         #     (--learner pg: REINFORCE on this iteration's samples in place of the policy buffer)
@@ -1731,7 +1737,6 @@ def run(args):
         # --- evaluate on held-out tasks, log, checkpoint
         solved, valid, submitted, outcomes = evaluate(model, heldout, args, s.eval_gen)
         s.iteration, s.elapsed_s = it, time.time() - t_start
-        rewards = [lmc.score(p, t.test_inputs, t.test_outputs)[1] for p, t in zip(answers, tasks)]
         simulations = sum(map(len, answers)) * args.num_simulations if args.search == "mcts" else 0
         n_programs = executed + len(outcome_programs)  # every program run or written
         row = dict(iter=it, elapsed_s=round(s.elapsed_s, 2), flops=s.flops_search + s.flops_train)
