@@ -903,17 +903,18 @@ def gumbel_search(
 def gumbel_mcts(model, tasks, args, generator, trace=None):
     """Searcher: Gumbel MCTS, run anew at every state of every episode (paper 2.4.2).
 
-    One episode per task: at each state a fresh search of args.num_simulations simulations picks
-    the next code unit, with the eq. 2 policy as prior logits and the outcome prediction as leaf
-    values; a finished program is valued by its score on the train pairs. The answer is the best
-    finished program the trees reached (filter_best, as S&F filters its samples); an episode ends
-    once they reached one that passes every train pair. The trees advance in lockstep, one batched
-    model call per simulation, each new leaf reading one step (TreeCache). Units that would make a
-    syntax error are invalid actions at the root (mctx's mask) and get the float minimum as prior
-    logits below it. --mcts_guide policy or value leaves the search the one alone (the other
-    uniform or zero: paper figure 5). Returns (answers, written, executed) like sample_and_filter,
-    `written` being the finished programs each task's trees reached. With a list as `trace`, each
-    decision appends {task index: (root visit counts, action weights)}.
+    One episode per task. At each state a fresh search of args.num_simulations simulations picks
+    the next code unit, with the model's eq. 2 policy as prior logits and its outcome prediction
+    as leaf values; a finished program is valued by its score on the train pairs. All tasks'
+    trees advance in lockstep: each simulation makes one batched model call for the new leaves
+    of every tree, and each leaf reads one step (the root's prompt and program stay in the KV
+    cache, the steps below it in TreeCache). The environment admits no syntax error: the units
+    that would make one are invalid actions at the root (mctx's mask) and get the float minimum
+    as prior logits below it, so that eq. 3 never picks them (mctx leaves interior nodes to the
+    environment's logits). --mcts_guide policy or value leaves the search the one alone (the other
+    uniform or zero: paper figure 5). Returns (programs, written, executed) like
+    sample_and_filter. With a list as `trace`, each decision appends {task index: (root visit
+    counts, action weights)}.
     """
     device = next(model.parameters()).device
 
@@ -926,8 +927,6 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
     prior, values = ablate(*extend(model, cache, [("",)] * len(tasks), store=True)[:2])
     tree = TreeCache(model, cache, len(tasks) * args.num_simulations)  # the steps below the roots
     programs, executed = [[] for _ in tasks], 0
-    found = [[] for _ in tasks]  # the finished programs each task's trees reached
-    solved = [False] * len(tasks)  # one of them passes every train pair
     active = list(range(len(tasks)))  # tasks whose program is unfinished, in cache-row order
     while active:
         tree.clear()  # a fresh search below the new roots
@@ -937,13 +936,11 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
             results, model_rows = [None] * len(requests), {}
             for k, (row, path) in enumerate(requests):
                 program = programs[active[row]] + [CODE_UNITS[a] for a in path]
-                if done(program):  # terminal: run it on the train pairs
+                if program[-1] == "HLT" or len(program) >= MAX_LENGTH:  # terminal: run it
                     task = tasks[active[row]]
                     reward = lmc.score(program, task.train_inputs, task.train_outputs)[1]
                     results[k] = (np.zeros(len(CODE_UNITS)), 0.0, reward, True)
                     executed += 1
-                    found[active[row]].append(program)
-                    solved[active[row]] |= reward == 1.0
                 else:
                     model_rows[row] = (k, [CODE_UNITS[a] for a in path])
             if model_rows:  # one call for every tree's new leaf, reading one step each
@@ -974,9 +971,11 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
             trace.append({r: (visits[i], weights[i]) for i, r in enumerate(active)})
         for row, a in zip(active, actions):
             programs[row].append(CODE_UNITS[a])
-        # an episode ends at a finished program, or once its trees have solved the train pairs:
-        # searching on could only find a shorter solution, at the cost of a search per unit
-        keep = [i for i, r in enumerate(active) if not (done(programs[r]) or solved[r])]
+        keep = [
+            i
+            for i, r in enumerate(active)
+            if programs[r][-1] != "HLT" and len(programs[r]) < MAX_LENGTH
+        ]
         if not keep:
             break
         # move every unfinished root one step down the chosen unit (one batched call)
@@ -984,8 +983,7 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
         active = [active[i] for i in keep]
         step = [(programs[r][-1],) for r in active]
         prior, values = ablate(*extend(model, cache, step, store=True)[:2])
-    found = [f + [p] if done(p) else f for f, p in zip(found, programs)]
-    return [filter_best(t, f) for t, f in zip(tasks, found)], found, executed
+    return programs, [[p] for p in programs], executed
 
 
 # ----------------------------------------------------------------------------------------------
