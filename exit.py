@@ -38,6 +38,9 @@ Where we depart from the paper, and why:
   the root alone), writes only units that keep the program well formed (the paper's MCTS adds a
   leaf "if admissible by the environment"). Unmasked, S&F's samples on a prompt unlike those it
   has solved are mostly syntax errors, and it finds nothing there to learn from.
+- Gumbel MCTS submits the best finished program its trees reached (ties to the shortest, then
+  to the policy's likeliest) and ends an episode once one passes the train pairs: the paper
+  submits the path of its decisions, at a search per unit even once the task is solved.
 - Held-out evaluation is measurement, not part of the method: its FLOPs are not counted.
 """
 
@@ -802,6 +805,19 @@ class Node:
         )
 
 
+def log_policy(logits):
+    """log softmax(logits), with a very low finite value for masked units."""
+    return np.log(np.maximum(softmax(logits), 1e-300))
+
+
+def submit(found):
+    """MCTS's answer for a task, from {program: (train reward, log-probability under the policy)}
+    of the finished programs its trees reached: the best on the train pairs, then the shortest,
+    then the policy's likeliest (S&F's tie-break, with the policy's probability in place of how
+    often it wrote a program)."""
+    return list(max(found, key=lambda p: (found[p][0], -len(p), found[p][1])))
+
+
 def mask_invalid(logits, invalid):
     """mctx's masking: logits minus their max, and the float minimum for invalid actions (the
     last axis holds the actions)."""
@@ -903,18 +919,17 @@ def gumbel_search(
 def gumbel_mcts(model, tasks, args, generator, trace=None):
     """Searcher: Gumbel MCTS, run anew at every state of every episode (paper 2.4.2).
 
-    One episode per task. At each state a fresh search of args.num_simulations simulations picks
-    the next code unit, with the model's eq. 2 policy as prior logits and its outcome prediction
-    as leaf values; a finished program is valued by its score on the train pairs. All tasks'
-    trees advance in lockstep: each simulation makes one batched model call for the new leaves
-    of every tree, and each leaf reads one step (the root's prompt and program stay in the KV
-    cache, the steps below it in TreeCache). The environment admits no syntax error: the units
-    that would make one are invalid actions at the root (mctx's mask) and get the float minimum
-    as prior logits below it, so that eq. 3 never picks them (mctx leaves interior nodes to the
-    environment's logits). --mcts_guide policy or value leaves the search the one alone (the other
-    uniform or zero: paper figure 5). Returns (programs, written, executed) like
-    sample_and_filter. With a list as `trace`, each decision appends {task index: (root visit
-    counts, action weights)}.
+    One episode per task: at each state a fresh search of args.num_simulations simulations picks
+    the next code unit, with the eq. 2 policy as prior logits and the outcome prediction as leaf
+    values; a finished program is valued by its score on the train pairs. The answer is the best
+    finished program the trees reached (submit); an episode ends once they reached one that
+    passes every train pair. The trees advance in lockstep, one batched model call per
+    simulation, each new leaf reading one step (TreeCache). Units that would make a syntax error
+    are invalid actions at the root (mctx's mask) and get the float minimum as prior logits
+    below it. --mcts_guide policy or value leaves the search the one alone (the other
+    uniform or zero: paper figure 5). Returns (answers, written, executed) like sample_and_filter,
+    `written` being the finished programs each task's trees reached. With a list as `trace`, each
+    decision appends {task index: (root visit counts, action weights)}.
     """
     device = next(model.parameters()).device
 
@@ -927,37 +942,45 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
     prior, values = ablate(*extend(model, cache, [("",)] * len(tasks), store=True)[:2])
     tree = TreeCache(model, cache, len(tasks) * args.num_simulations)  # the steps below the roots
     programs, executed = [[] for _ in tasks], 0
+    found = [{} for _ in tasks]  # finished programs reached: (train reward, log-probability)
+    committed = [0.0] * len(tasks)  # the log-probability of each episode's units so far
+    solved = [False] * len(tasks)  # one of them passes every train pair
     active = list(range(len(tasks)))  # tasks whose program is unfinished, in cache-row order
     while active:
         tree.clear()  # a fresh search below the new roots
+        nodes = {}  # (tree, path) -> (the path's log-probability, the log-policy at its end)
 
         def expand(requests):
             nonlocal executed
             results, model_rows = [None] * len(requests), {}
             for k, (row, path) in enumerate(requests):
                 program = programs[active[row]] + [CODE_UNITS[a] for a in path]
-                if program[-1] == "HLT" or len(program) >= MAX_LENGTH:  # terminal: run it
+                above = nodes[row, path[:-1]] if path[:-1] else (committed[active[row]], root[row])
+                logp = above[0] + above[1][path[-1]]
+                if done(program):  # terminal: run it on the train pairs
                     task = tasks[active[row]]
                     reward = lmc.score(program, task.train_inputs, task.train_outputs)[1]
                     results[k] = (np.zeros(len(CODE_UNITS)), 0.0, reward, True)
                     executed += 1
+                    found[active[row]][tuple(program)] = (reward, logp)
+                    solved[active[row]] |= reward == 1.0
                 else:
                     model_rows[row] = (k, [CODE_UNITS[a] for a in path])
+                    nodes[row, path] = (logp, None)
             if model_rows:  # one call for every tree's new leaf, reading one step each
                 leaves = [(row, tuple(units)) for row, (_, units) in model_rows.items()]
                 leaf_prior, leaf_values = ablate(*tree.read(model, leaves))
                 for j, (row, (k, units)) in enumerate(model_rows.items()):
                     invalid = syntax_errors(programs[active[row]] + units)  # the grammar
-                    results[k] = (
-                        mask_invalid(leaf_prior[j], invalid),
-                        float(leaf_values[j]),
-                        0.0,
-                        False,
-                    )
+                    logits = mask_invalid(leaf_prior[j], invalid)
+                    results[k] = (logits, float(leaf_values[j]), 0.0, False)
+                    path = requests[k][1]
+                    nodes[row, path] = (nodes[row, path][0], log_policy(logits))
             return results
 
         # the environment admits no syntax error: at the root through mctx's invalid actions
         invalid = np.array([syntax_errors(programs[r]) for r in active])
+        root = [log_policy(mask_invalid(p, i)) for p, i in zip(prior, invalid)]  # the log-policy
         actions, weights, visits = gumbel_search(
             prior,
             values,
@@ -969,13 +992,12 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
         )
         if trace is not None:
             trace.append({r: (visits[i], weights[i]) for i, r in enumerate(active)})
-        for row, a in zip(active, actions):
+        for i, (row, a) in enumerate(zip(active, actions)):
             programs[row].append(CODE_UNITS[a])
-        keep = [
-            i
-            for i, r in enumerate(active)
-            if programs[r][-1] != "HLT" and len(programs[r]) < MAX_LENGTH
-        ]
+            committed[row] += root[i][a]
+        # an episode ends at a finished program, or once its trees have solved the train pairs:
+        # searching on could find only a shorter or likelier solution, at a search per unit
+        keep = [i for i, r in enumerate(active) if not (done(programs[r]) or solved[r])]
         if not keep:
             break
         # move every unfinished root one step down the chosen unit (one batched call)
@@ -983,7 +1005,7 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
         active = [active[i] for i in keep]
         step = [(programs[r][-1],) for r in active]
         prior, values = ablate(*extend(model, cache, step, store=True)[:2])
-    return programs, [[p] for p in programs], executed
+    return [submit(f) for f in found], [[list(p) for p in f] for f in found], executed
 
 
 # ----------------------------------------------------------------------------------------------

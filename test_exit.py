@@ -1109,6 +1109,7 @@ def test_mcts_ablations_change_what_search_uses(monkeypatch):
         seen["prior"], seen["values"] = prior, values
         leaf = expand([(0, (0,))])[0]
         seen["leaf_prior"], seen["leaf_value"] = leaf[0], leaf[1]
+        expand([(0, (10,))])  # a search visits the unit it picks
         return np.full(len(prior), 10), None, None  # HLT everywhere
 
     monkeypatch.setattr(ex, "gumbel_search", fake_search)
@@ -1130,6 +1131,7 @@ def test_mask_rules_out_syntax_errors_below_the_root(monkeypatch):
     def fake_search(prior, values, expand, *args, **kw):
         for path in [(0,), (0, 11)]:  # "ADD" needs an operand; "ADD 0" needs an opcode
             leaves[path] = expand([(0, path)])[0][0]
+        expand([(0, (10,))])
         return np.full(len(prior), 10), None, None
 
     monkeypatch.setattr(ex, "gumbel_search", fake_search)
@@ -1140,15 +1142,69 @@ def test_mask_rules_out_syntax_errors_below_the_root(monkeypatch):
     assert np.all(leaves[(0, 11)][:11] > floor) and np.all(leaves[(0, 11)][11:] == floor)
 
 
+def test_mcts_submits_the_best_program_its_trees_reached_and_stops_once_solved(monkeypatch):
+    decisions = []
+
+    def fake_search(prior, values, expand, *args, **kw):
+        decisions.append(1)
+        # each node after its parent: HLT and ADD 0 ADD 0 HLT pass no pair, ADD 0 HLT both
+        for path in [(10,), (0,), (0, 11), (0, 11, 0), (0, 11, 0, 11), (0, 11, 0, 11, 10)]:
+            expand([(0, path)])
+        expand([(0, (0, 11, 10))])
+        return np.array([4]), None, None  # while the decision itself is LDA
+
+    monkeypatch.setattr(ex, "gumbel_search", fake_search)
+    answers, written, executed = ex.gumbel_mcts(tiny_model(), [TASK], mcts_args(), None)
+    assert answers == [["ADD", "0", "HLT"]] and executed == 3
+    assert written == [[["HLT"], ["ADD", "0", "ADD", "0", "HLT"], ["ADD", "0", "HLT"]]]
+    assert decisions == [1]  # solved on the train pairs: no search for the next unit
+
+
+def test_submit_takes_the_best_then_the_shortest_then_the_likeliest():
+    found = {  # program: (reward on the train pairs, log-probability under the policy)
+        ("HLT",): (0.0, -1.0),
+        ("LDA", "0", "ADD", "1", "HLT"): (1.0, -2.0),
+        ("ADD", "0", "HLT"): (1.0, -9.0),
+        ("ADD", "1", "HLT"): (1.0, -5.0),
+    }
+    assert ex.submit(found) == ["ADD", "1", "HLT"]
+
+
+def test_mcts_ties_go_to_the_program_the_policy_finds_likeliest(monkeypatch):
+    task = lmc.Task([[2, 5], [3, 5]], [5, 5], [[4, 5]], [5], None)  # LDA 0 and LDL 5 both pass
+    model, lda, ldl = tiny_model(), (4, 11, 10), (5, 16, 10)
+
+    def log_probability(program):  # eq. 2 at each step, reading the program from the start
+        cache, total = ex.prefill(model, [task], "cpu"), 0.0
+        logits = ex.extend(model, cache, [("",)], store=True)[0][0].double().numpy()
+        for i, unit in enumerate(program):
+            policy = ex.log_policy(ex.mask_invalid(logits, ex.syntax_errors(program[:i])))
+            total += policy[ex.CODE_UNITS.index(unit)]
+            logits = ex.extend(model, cache, [(unit,)], store=True)[0][0].double().numpy()
+        return total
+
+    programs = [["LDA", "0", "HLT"], ["LDL", "5", "HLT"]]
+    likeliest = max(programs, key=log_probability)
+    for first, second in [(lda, ldl), (ldl, lda)]:  # whichever the trees reach first
+
+        def fake_search(prior, values, expand, *args, **kw):
+            for path in [first[:1], first[:2], first, second[:1], second[:2], second]:
+                expand([(0, path)])
+            return np.array([4]), None, None
+
+        monkeypatch.setattr(ex, "gumbel_search", fake_search)
+        assert ex.gumbel_mcts(model, [task], mcts_args(), None)[0] == [likeliest]
+
+
 def test_mcts_noise_is_its_only_randomness():
-    # with gumbel_scale 0 the trees write the same programs whatever the generator; with the
+    # with gumbel_scale 0 the trees reach the same programs whatever the generator; with the
     # paper's noise they differ
     tasks = lmc.make_tasks("add4", 4, seed=0)
 
     def programs(seed, scale):
         generator = torch.Generator().manual_seed(seed)
         args = mcts_args(num_simulations=8, gumbel_scale=scale)
-        return ex.gumbel_mcts(tiny_model(), tasks, args, generator)[0]
+        return ex.gumbel_mcts(tiny_model(), tasks, args, generator)[1]
 
     assert programs(0, 0.0) == programs(1, 0.0) == programs(2, 0.0)
     assert len({str(programs(seed, 1.0)) for seed in range(3)}) > 1
