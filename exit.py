@@ -965,17 +965,15 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
                     found[active[row]][tuple(program)] = (reward, logp)
                     solved[active[row]] |= reward == 1.0
                 else:
-                    model_rows[row] = (k, [CODE_UNITS[a] for a in path])
-                    nodes[row, path] = (logp, None)
+                    model_rows[row] = (k, [CODE_UNITS[a] for a in path], logp)
             if model_rows:  # one call for every tree's new leaf, reading one step each
-                leaves = [(row, tuple(units)) for row, (_, units) in model_rows.items()]
+                leaves = [(row, tuple(units)) for row, (_, units, _) in model_rows.items()]
                 leaf_prior, leaf_values = ablate(*tree.read(model, leaves))
-                for j, (row, (k, units)) in enumerate(model_rows.items()):
+                for j, (row, (k, units, logp)) in enumerate(model_rows.items()):
                     invalid = syntax_errors(programs[active[row]] + units)  # the grammar
                     logits = mask_invalid(leaf_prior[j], invalid)
                     results[k] = (logits, float(leaf_values[j]), 0.0, False)
-                    path = requests[k][1]
-                    nodes[row, path] = (nodes[row, path][0], log_policy(logits))
+                    nodes[row, requests[k][1]] = (logp, log_policy(logits))
             return results
 
         # the environment admits no syntax error: at the root through mctx's invalid actions
@@ -1725,7 +1723,9 @@ def run(args):
         # --- search: the expert writes programs for a fresh batch of training tasks
         tasks = draw(it)
         t0, flops0, tokens0 = time.time(), model.flops, model.tokens
-        answers, written, executed = SEARCHERS[args.search](model, tasks, args, gen)
+        decisions = []  # MCTS appends one entry per decision (its trace), to count simulations
+        trace = dict(trace=decisions) if args.search == "mcts" else {}
+        answers, written, executed = SEARCHERS[args.search](model, tasks, args, gen, **trace)
         s.executed += executed
         # the epsilon-greedy sampler writes good and bad programs for the outcome predictor
         outcome_programs = []
@@ -1759,7 +1759,7 @@ def run(args):
         # --- evaluate on held-out tasks, log, checkpoint
         solved, valid, submitted, outcomes = evaluate(model, heldout, args, s.eval_gen)
         s.iteration, s.elapsed_s = it, time.time() - t_start
-        simulations = sum(map(len, answers)) * args.num_simulations if args.search == "mcts" else 0
+        simulations = sum(map(len, decisions)) * args.num_simulations  # trees x searches x sims
         n_programs = executed + len(outcome_programs)  # every program run or written
         row = dict(iter=it, elapsed_s=round(s.elapsed_s, 2), flops=s.flops_search + s.flops_train)
         row.update(flops_search=s.flops_search, flops_train=s.flops_train, executed=s.executed)
