@@ -41,6 +41,9 @@ Where we depart from the paper, and why:
 - Gumbel MCTS submits the best finished program its trees reached (ties to the shortest, then
   to the policy's likeliest) and ends an episode once one passes the train pairs: the paper
   submits the path of its decisions, at a search per unit even once the task is solved.
+- Gumbel MCTS weighs Q against the prior by c_scale = 0.03, not mctx's 0.1: sigma stretches
+  each node's values to [0, 1], so siblings' values that differ by hundredths (a young outcome
+  predictor's noise) would outweigh the prior, and the trees' solutions scatter.
 - Held-out evaluation is measurement, not part of the method: its FLOPs are not counted.
 """
 
@@ -114,6 +117,7 @@ FAMILY_DEFAULTS = {
 HELDOUT_SEED = "heldout"  # training draws its tasks from f"train-{seed}": the streams never meet
 EPSILON = 0.2  # the outcome sampler's chance of a uniformly random unit
 OUTCOME_ROLLOUTS = 4  # the outcome sampler's episodes per task
+C_SCALE = 0.03  # MCTS: how much sigma weighs Q against the prior (mctx's default: 0.1)
 SHOW_EVERY = 5  # iterations between two held-out programs shown in the log
 
 
@@ -985,6 +989,7 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
             expand,
             args.num_simulations,
             gumbel_scale=args.gumbel_scale,
+            c_scale=C_SCALE,
             generator=generator,
             invalid_actions=invalid,
         )

@@ -1092,6 +1092,21 @@ def test_zero_gumbel_scale_is_deterministic():
         assert np.array_equal(a, b)
 
 
+def test_c_scale_lets_the_prior_outweigh_small_value_gaps():
+    # two actions: the prior favours action 0 by 2 nats, the values below favour action 1 by
+    # 0.02. sigma stretches any gap to (c_visit + max N) * c_scale: 58 * 0.1 = 5.8 nats at mctx's
+    # 0.1 outweigh the prior; 58 * C_SCALE = 1.74 do not
+    def expand(requests):
+        return [(np.zeros(2), 0.02 * path[0], 0.0, False) for _, path in requests]
+
+    def action(c_scale):
+        gen = torch.Generator().manual_seed(0)
+        args = (np.array([[2.0, 0.0]]), np.zeros(1), expand, 16)
+        return ex.gumbel_search(*args, gumbel_scale=0.0, c_scale=c_scale, generator=gen)[0][0]
+
+    assert action(0.1) == 1 and action(ex.C_SCALE) == 0
+
+
 def mcts_args(**changes):
     """The MCTS flags gumbel_mcts reads, small budgets, with `changes` on top."""
     flags = dict(
@@ -1106,7 +1121,7 @@ def test_mcts_ablations_change_what_search_uses(monkeypatch):
     seen = {}
 
     def fake_search(prior, values, expand, *args, **kw):
-        seen["prior"], seen["values"] = prior, values
+        seen["prior"], seen["values"], seen["c_scale"] = prior, values, kw["c_scale"]
         leaf = expand([(0, (0,))])[0]
         seen["leaf_prior"], seen["leaf_value"] = leaf[0], leaf[1]
         expand([(0, (10,))])  # a search visits the unit it picks
@@ -1123,6 +1138,7 @@ def test_mcts_ablations_change_what_search_uses(monkeypatch):
     assert np.std(seen["prior"]) > 0 and np.all(seen["values"] == 0) and seen["leaf_value"] == 0
     ex.gumbel_mcts(model, [TASK], mcts_args(), torch.Generator())
     assert np.std(seen["prior"]) > 0 and seen["values"][0] != 0
+    assert seen["c_scale"] == ex.C_SCALE
 
 
 def test_mask_rules_out_syntax_errors_below_the_root(monkeypatch):
