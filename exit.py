@@ -1437,6 +1437,7 @@ def draw(out, curves, **labels):
     for label, xs, ys in curves:
         ax.plot(xs, ys, marker=".", label=label)
     ax.set(xscale="log", ylim=(-0.03, 1.03), **labels)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
