@@ -953,6 +953,9 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
     while active:
         tree.clear()  # a fresh search below the new roots
         nodes = {}  # (tree, path) -> (the path's log-probability, the log-policy at its end)
+        # the environment admits no syntax error: at the root through mctx's invalid actions
+        invalid = np.array([syntax_errors(programs[r]) for r in active])
+        root = [log_policy(mask_invalid(p, i)) for p, i in zip(prior, invalid)]  # the log-policy
 
         def expand(requests):
             nonlocal executed
@@ -980,9 +983,6 @@ def gumbel_mcts(model, tasks, args, generator, trace=None):
                     nodes[row, requests[k][1]] = (logp, log_policy(logits))
             return results
 
-        # the environment admits no syntax error: at the root through mctx's invalid actions
-        invalid = np.array([syntax_errors(programs[r]) for r in active])
-        root = [log_policy(mask_invalid(p, i)) for p, i in zip(prior, invalid)]  # the log-policy
         actions, weights, visits = gumbel_search(
             prior,
             values,
