@@ -1424,8 +1424,9 @@ def write_csv(path, header, rows):
 
 
 def draw(out, curves, **labels):
-    """One picture: curves is a list of (label, xs, ys), on a log x axis. Needs matplotlib,
-    which is optional; without it the caller's CSV is all there is."""
+    """One picture: curves is a list of (label, xs, ys), on a log x axis; curves with the same
+    label share a colour. Needs matplotlib, which is optional; without it the caller's CSV is
+    all there is."""
     try:
         import matplotlib
 
@@ -1434,8 +1435,11 @@ def draw(out, curves, **labels):
     except ImportError:
         return print("matplotlib is not installed (pip install matplotlib): writing CSV only")
     fig, ax = plt.subplots(figsize=(6, 4))
+    colours = {}  # curves of one label (the seeds of one setting) share a colour and a legend line
     for label, xs, ys in curves:
-        ax.plot(xs, ys, marker=".", label=label)
+        first = label not in colours
+        colour = colours.setdefault(label, f"C{len(colours) % 10}")
+        ax.plot(xs, ys, marker=".", color=colour, label=label if first else None, alpha=0.8)
     ax.set(xscale="log", ylim=(-0.03, 1.03), **labels)
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
     ax.grid(alpha=0.3)
@@ -1456,8 +1460,12 @@ def plot_runs(run_dirs, out):
     write_csv(
         os.path.splitext(out)[0] + ".csv", ["run", "label", "iter", "flops"] + PLOT_KEYS, rows
     )
-    curves = [
-        (label, [r["flops"] for r in log], [r["heldout_solved"] for r in log])
+    curves = [  # a setting's seeds: one colour
+        (
+            label.rsplit(" seed ", 1)[0],
+            [r["flops"] for r in log],
+            [r["heldout_solved"] for r in log],
+        )
         for _, label, log in runs
     ]
     draw(out, curves, xlabel="FLOPs (search + training)", ylabel="held-out tasks solved")

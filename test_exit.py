@@ -1357,6 +1357,21 @@ def test_plot_writes_csv_and_picture(tmp_path, capsys):
     assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_gives_the_seeds_of_a_setting_one_colour(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    runs = [fake_run(str(tmp_path / n), "sf", "num_rollouts", 8) for n in "ab"]
+    args = json.load(open(f"{runs[1]}/args.json"))
+    json.dump({**args, "seed": 1}, open(f"{runs[1]}/args.json", "w"))
+    runs.append(fake_run(str(tmp_path / "c"), "mcts", "num_simulations", 64))
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    ex.main(["--plot", *runs, "--out", str(tmp_path / "curves.png")])
+    ax = saved[0].axes[0]
+    assert [line.get_color() for line in ax.get_lines()] == ["C0", "C0", "C1"]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["add4 S&F 8 rollouts", "add4 MCTS 64 sims"]
+
+
 def test_run_label_names_search_and_ablations(tmp_path):
     path = fake_run(str(tmp_path / "a"), "mcts", "num_simulations", 256)
     assert ex.run_label(path) == "add4 MCTS 256 sims seed 0"
