@@ -1659,9 +1659,10 @@ def start(args, device, state=None):
     return s
 
 
-def save(path, s, args):
+def save(out_dir, s, args):
+    """The run's checkpoint, and every --snapshot_every iterations the model alone (--ladder)."""
     save_checkpoint(
-        path,
+        os.path.join(out_dir, "ckpt.pt"),
         model=s.model.state_dict(),
         optimizer=s.optimizer.state_dict(),
         policy_buffer=buffer_state(s.policy_buffer),
@@ -1671,6 +1672,33 @@ def save(path, s, args):
         args=vars(args),
         **{k: getattr(s, k) for k in STATE_KEYS},
     )
+    if args.snapshot_every and s.iteration % args.snapshot_every == 0:
+        os.makedirs(os.path.join(out_dir, "snapshots"), exist_ok=True)
+        path = os.path.join(out_dir, "snapshots", f"iter_{s.iteration:04d}.pt")
+        save_checkpoint(path, model=s.model.state_dict(), args=vars(args), iteration=s.iteration)
+
+
+def log_row(s, rewards, heldout, losses, speed):
+    """The iteration's record for log.jsonl: rewards of the searched programs, heldout (solved,
+    valid, solved by group), losses (policy, outcome), speed (seconds, tokens, programs)."""
+    row = dict(iter=s.iteration, elapsed_s=round(s.elapsed_s, 2))
+    row.update(flops=s.flops_search + s.flops_train, flops_search=s.flops_search)
+    row.update(flops_train=s.flops_train, executed=s.executed)
+    row.update(
+        train_solved=rewards.count(1.0) / len(rewards), mean_reward=sum(rewards) / len(rewards)
+    )
+    row.update(heldout_solved=heldout[0], heldout_valid=heldout[1])  # valid: no S, R or T
+    # by kind, or by number of inputs: {"2": 0.97, "3": 0.59, "4": 0.11} on add4
+    row["heldout_by"] = {str(g): f for g, (f, _) in heldout[2].items()}
+    row.update(policy_buffer=len(s.policy_buffer), outcome_buffer=len(s.outcome_buffer))
+    row.update(loss_policy=losses[0], loss_outcome=losses[1])
+    search_s, train_s = speed["search_s"], speed["train_s"]
+    row.update(search_s=round(search_s, 4), train_s=round(train_s, 4))
+    row["programs_per_s"] = speed["programs"] / search_s
+    row["tokens_per_s"] = speed["search_tokens"] / search_s
+    row["train_tokens_per_s"] = speed["train_tokens"] / max(train_s, 1e-9)
+    row["simulations_per_s"] = speed["simulations"] / search_s
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
 def log_line(row, simulations):
@@ -1688,14 +1716,9 @@ def log_line(row, simulations):
     )
 
 
-def run(args):
-    if args.plot:
-        return plot_runs(args.plot, args.out or "plot.png")
-    device = pick_device(args.device)
-    if args.eval or args.show:
-        return run_eval_only(args, device)
-    if args.ladder:
-        return run_ladder(args, device)
+def setup(args, device):
+    """A new run, or the one saved in its folder (--resume), or one that starts from a saved
+    agent's weights (--init): its settings, state, tasks, folder and log."""
     name = os.path.basename(args.task).removesuffix(".jsonl")
     out_dir = args.out_dir or os.path.join("runs", name)
     ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
@@ -1716,10 +1739,9 @@ def run(args):
     s = start(args, device, state)
     if init is not None:
         s.model.load_state_dict(init["model"])
-    model, gen = s.model, s.gen
     print(
         f"task {args.task} ({about}) | search {args.search} | device {device} | "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | out {out_dir}"
+        f"{sum(p.numel() for p in s.model.parameters()) / 1e6:.2f}M parameters | out {out_dir}"
     )
     if state is not None:
         print(f"resumed {ckpt_path} after iteration {s.iteration}")
@@ -1732,6 +1754,19 @@ def run(args):
         kept = [line for line in open(log_path) if json.loads(line)["iter"] <= s.iteration]
     log_file = open(log_path, "w")
     log_file.writelines(kept)
+    return args, s, draw, heldout, out_dir, log_file
+
+
+def run(args):
+    if args.plot:
+        return plot_runs(args.plot, args.out or "plot.png")
+    device = pick_device(args.device)
+    if args.eval or args.show:
+        return run_eval_only(args, device)
+    if args.ladder:
+        return run_ladder(args, device)
+    args, s, draw, heldout, out_dir, log_file = setup(args, device)
+    model, gen = s.model, s.gen
     t_start = time.time() - s.elapsed_s
     for it in range(s.iteration + 1, args.max_iters):
         # --- search: the expert writes programs for a fresh batch of training tasks
@@ -1774,22 +1809,11 @@ def run(args):
         solved, valid, submitted, outcomes = evaluate(model, heldout, args, s.eval_gen)
         s.iteration, s.elapsed_s = it, time.time() - t_start
         simulations = sum(map(len, decisions)) * args.num_simulations  # trees x searches x sims
-        n_programs = executed + len(outcome_programs)  # every program run or written
-        row = dict(iter=it, elapsed_s=round(s.elapsed_s, 2), flops=s.flops_search + s.flops_train)
-        row.update(flops_search=s.flops_search, flops_train=s.flops_train, executed=s.executed)
-        row.update(
-            train_solved=rewards.count(1.0) / len(tasks), mean_reward=sum(rewards) / len(tasks)
-        )
-        row.update(heldout_solved=solved, heldout_valid=valid)  # valid: no S, R or T
-        # by kind, or by number of inputs: {"2": 0.97, "3": 0.59, "4": 0.11} on add4
-        row["heldout_by"] = {str(g): f for g, (f, _) in solved_by_group(heldout, outcomes).items()}
-        row.update(policy_buffer=len(s.policy_buffer), outcome_buffer=len(s.outcome_buffer))
-        row.update(loss_policy=loss_policy, loss_outcome=loss_outcome)
-        row.update(search_s=round(search_s, 4), train_s=round(train_s, 4))
-        row.update(programs_per_s=n_programs / search_s, tokens_per_s=search_tokens / search_s)
-        row["train_tokens_per_s"] = train_tokens / max(train_s, 1e-9)
-        row["simulations_per_s"] = simulations / search_s
-        row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+        speed = dict(search_s=search_s, train_s=train_s, search_tokens=search_tokens)
+        speed.update(train_tokens=train_tokens, simulations=simulations)
+        speed["programs"] = executed + len(outcome_programs)  # every program run or written
+        by_group = solved_by_group(heldout, outcomes)
+        row = log_row(s, rewards, (solved, valid, by_group), (loss_policy, loss_outcome), speed)
         print(log_line(row, simulations), flush=True)
         log_file.write(json.dumps(row) + "\n")
         log_file.flush()
@@ -1801,11 +1825,7 @@ def run(args):
                 f"  (test outcome {outcomes[0]})\n"
                 f"      held-out solved {group_name(heldout)}: {groups}"
             )
-        save(ckpt_path, s, args)
-        if args.snapshot_every and it % args.snapshot_every == 0:  # for --ladder
-            os.makedirs(os.path.join(out_dir, "snapshots"), exist_ok=True)
-            snapshot = dict(model=model.state_dict(), args=vars(args), iteration=it)
-            save_checkpoint(os.path.join(out_dir, "snapshots", f"iter_{it:04d}.pt"), **snapshot)
+        save(out_dir, s, args)
         spent = f"{s.elapsed_s:.0f} s, {row['flops']:.2e} FLOPs (search {s.flops_search:.2e})"
         if solved == 1.0:
             print(f"reached {solved:.0%} held-out solved at iteration {it}: {spent}")
