@@ -1809,9 +1809,15 @@ def run(args):
         solved, valid, submitted, outcomes = evaluate(model, heldout, args, s.eval_gen)
         s.iteration, s.elapsed_s = it, time.time() - t_start
         simulations = sum(map(len, decisions)) * args.num_simulations  # trees x searches x sims
-        speed = dict(search_s=search_s, train_s=train_s, search_tokens=search_tokens)
-        speed.update(train_tokens=train_tokens, simulations=simulations)
-        speed["programs"] = executed + len(outcome_programs)  # every program run or written
+        n_programs = executed + len(outcome_programs)  # every program run or written
+        speed = dict(
+            search_s=search_s,
+            train_s=train_s,
+            search_tokens=search_tokens,
+            train_tokens=train_tokens,
+            simulations=simulations,
+            programs=n_programs,
+        )
         by_group = solved_by_group(heldout, outcomes)
         row = log_row(s, rewards, (solved, valid, by_group), (loss_policy, loss_outcome), speed)
         print(log_line(row, simulations), flush=True)
