@@ -1,0 +1,63 @@
+"""A ceiling for a task file: what the model learns from a perfect expert. Every training task of
+the task mix (lmc.py --mix) is given its reference program, the one in lmc.MIX_KINDS that passes
+all its pairs, and the model trains on them with exit.py's batches and loss (batch 32, the add
+family's learning rate), drawing from all training tasks, or with a window from the 16 tasks a
+step of 8 moves on by (as the replay window holds them). Every 100 steps it prints held-out solved
+with one sample, and the share of the first 72 training tasks solved. No search: the gap between
+this and a run of exit.py is what the search leaves out.
+Run from the repository root: python docs/perfect_expert.py mix.jsonl STEPS [WINDOW_ITERS]"""
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import exit as ex  # noqa: E402
+import lmc  # noqa: E402
+
+path, steps = sys.argv[1], int(sys.argv[2])
+window = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+args = ex.check_args(ex.parser.parse_args(["--task", path]))
+draw, heldout, about = ex.task_source(args)
+n_train = int(about.split()[0])  # "288 training tasks, 72 held out"
+train = [t for i in range(-(-n_train // args.num_tasks)) for t in draw(i)][:n_train]
+
+
+def reference(task):
+    """The task's kind's program, with the constant K that passes all of the task's pairs."""
+    pairs = (task.train_inputs + task.test_inputs, task.train_outputs + task.test_outputs)
+    for k in range(1, 10):
+        program = tuple(lmc.MIX_KINDS[task.kind][0].replace("K", str(k)).split())
+        if lmc.score(program, *pairs)[0] == "9":
+            return program
+    raise ValueError(f"{task.source}: no reference program of kind {task.kind} passes it")
+
+
+items = [(task, reference(task), "9") for task in train]
+torch.manual_seed(0)
+model = ex.Transformer(args.dim)
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+gen, eval_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+print(about)
+t0 = time.time()
+for step in range(1, steps + 1):
+    pool = items
+    if window:  # the tasks the replay window would hold at this step
+        pool = items[((step // args.train_steps) * args.num_tasks) % len(items) :]
+        pool = pool[: window * args.num_tasks]
+    batch = [pool[k] for k in torch.randint(len(pool), (args.batch_size,), generator=gen)]
+    model.train()
+    ex.train_step(model, optimizer, ex.make_batch(batch, "policy", "cpu"), None)
+    model.eval()
+    if step % 100 == 0:
+        solved, _, _, outcomes = ex.evaluate(model, heldout, args, eval_gen)
+        on_train = ex.evaluate(model, train[:72], args, eval_gen)[0]
+        kinds = ex.solved_by_group(heldout, outcomes)
+        print(
+            f"step {step} ({time.time() - t0:.0f} s, {model.flops:.2e} FLOPs): held-out "
+            f"{solved:.0%}, training tasks {on_train:.0%} | "
+            + ", ".join(f"{kind} {f:.0%}" for kind, (f, _) in kinds.items()),
+            flush=True,
+        )
