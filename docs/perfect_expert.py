@@ -1,10 +1,10 @@
-"""A ceiling for a task file: what the model learns from a perfect expert. Every training task of
-the task mix (lmc.py --mix) is given its reference program, the one in lmc.MIX_KINDS that passes
-all its pairs, and the model trains on them with exit.py's batches and loss (batch 32, the add
-family's learning rate), drawing from all training tasks, or with a window from the 16 tasks a
-step of 8 moves on by (as the replay window holds them). Every 100 steps it prints held-out solved
-with one sample, and the share of the first 72 training tasks solved. No search: the gap between
-this and a run of exit.py is what the search leaves out.
+"""A ceiling for a task file: what the model learns from a perfect expert, with no search.
+Every training task of the task mix (python lmc.py --mix mix.jsonl) gets its reference program,
+the one of its kind in lmc.MIX_KINDS that passes all its pairs, and the model trains on these
+with exit.py's batches and loss (batch 32, the add family's learning rate), drawn from all the
+training tasks or, given WINDOW_ITERS, only from those a replay window of that many iterations
+would hold (it moves on by --num_tasks tasks every --train_steps steps, as in a run). Every 100
+steps it prints held-out solved with one sample, and the share of 72 training tasks solved.
 Run from the repository root: python docs/perfect_expert.py mix.jsonl STEPS [WINDOW_ITERS]"""
 
 import os
