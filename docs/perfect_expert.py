@@ -7,6 +7,7 @@ would hold (it moves on by --num_tasks tasks every --train_steps steps, as in a 
 steps it prints held-out solved with one sample, and the share of 72 training tasks solved.
 Run from the repository root: python docs/perfect_expert.py mix.jsonl STEPS [WINDOW_ITERS]"""
 
+import itertools
 import os
 import sys
 import time
@@ -21,8 +22,9 @@ path, steps = sys.argv[1], int(sys.argv[2])
 window = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 args = ex.check_args(ex.parser.parse_args(["--task", path]))
 draw, heldout, about = ex.task_source(args)
-n_train = int(about.split()[0])  # "288 training tasks, 72 held out"
-train = [t for i in range(-(-n_train // args.num_tasks)) for t in draw(i)][:n_train]
+stream = (task for i in itertools.count() for task in draw(i))  # round the training tasks
+first = next(stream)
+train = [first] + list(itertools.takewhile(lambda task: task is not first, stream))
 
 
 def reference(task):
