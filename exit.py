@@ -1385,16 +1385,19 @@ def run_label(run_dir):
     if not os.path.isfile(path):
         return os.path.basename(os.path.normpath(run_dir))
     a = json.load(open(path))
-    label = f"{a['task']} S&F {a['num_rollouts']} rollouts"
+    task = os.path.basename(a["task"])
+    label = f"{task} S&F {a['num_rollouts']} rollouts"
     if a["search"] == "mcts":
         guide = {"both": "", "policy": " policy only", "value": " value only"}[a["mcts_guide"]]
-        label = f"{a['task']} MCTS {a['num_simulations']} sims{guide}"
+        label = f"{task} MCTS {a['num_simulations']} sims{guide}"
     if a["search"] == "enum":
-        label = f"{a['task']} enumeration"
+        label = f"{task} enumeration"
     label += " REINFORCE" * (a.get("learner") == "pg") + " no training" * bool(a.get("no_train"))
     buffer_iters = a.get("buffer_iters", parser.get_default("buffer_iters"))
     if buffer_iters != parser.get_default("buffer_iters"):
         label += f" buffer {buffer_iters or 'all'}"
+    if a.get("num_tasks", 16) != parser.get_default("num_tasks"):
+        label += f" {a['num_tasks']} tasks an iteration"
     return label + f" seed {a['seed']}"
 
 

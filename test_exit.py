@@ -1384,6 +1384,8 @@ def test_run_label_names_search_and_ablations(tmp_path):
     assert ex.run_label(path) == "add4 S&F 32 rollouts buffer all seed 0"
     json.dump({**args, "search": "enum", "no_train": True}, open(f"{path}/args.json", "w"))
     assert ex.run_label(path) == "add4 enumeration no training seed 0"
+    json.dump({**args, "task": "data/mix.jsonl", "num_tasks": 64}, open(f"{path}/args.json", "w"))
+    assert ex.run_label(path) == "mix.jsonl MCTS 256 sims 64 tasks an iteration seed 0"
 
 
 def test_plot_without_matplotlib_writes_csv_only(tmp_path, capsys, monkeypatch):
