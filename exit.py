@@ -1380,7 +1380,7 @@ PLOT_KEYS = ["heldout_solved", "heldout_valid", "train_solved"]  # log fields in
 
 
 def run_label(run_dir):
-    """How a run is named on a plot: task, searcher and its budget, learner, ablations, seed."""
+    """How a run is named on a plot: task, searcher and budget, learner, ablations, tasks, seed."""
     path = os.path.join(run_dir, "args.json")
     if not os.path.isfile(path):
         return os.path.basename(os.path.normpath(run_dir))
@@ -1396,8 +1396,9 @@ def run_label(run_dir):
     buffer_iters = a.get("buffer_iters", parser.get_default("buffer_iters"))
     if buffer_iters != parser.get_default("buffer_iters"):
         label += f" buffer {buffer_iters or 'all'}"
-    if a.get("num_tasks", 16) != parser.get_default("num_tasks"):
-        label += f" {a['num_tasks']} tasks an iteration"
+    num_tasks = a.get("num_tasks", parser.get_default("num_tasks"))
+    if num_tasks != parser.get_default("num_tasks"):
+        label += f" {num_tasks} tasks an iteration"
     return label + f" seed {a['seed']}"
 
 
