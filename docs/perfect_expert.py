@@ -38,10 +38,8 @@ def reference(task):
 
 
 items = [(task, reference(task), "9") for task in train]
-torch.manual_seed(0)
-model = ex.Transformer(args.dim)
-optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-gen, eval_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+s = ex.start(args, "cpu")  # a new run's model, optimizer and generators, as exit.py makes them
+model, optimizer, gen, eval_gen = s.model, s.optimizer, s.gen, s.eval_gen
 print(about)
 t0 = time.time()
 for step in range(1, steps + 1):
