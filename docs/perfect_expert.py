@@ -1,10 +1,10 @@
 """A ceiling for a task file: what the model learns from a perfect expert, with no search.
 Every training task of the task mix (python lmc.py --mix mix.jsonl) gets its reference program,
 the one of its kind in lmc.MIX_KINDS that passes all its pairs, and the model trains on these
-with exit.py's batches and loss (batch 32, learning rate 2e-4), drawn from all the
-training tasks or, given WINDOW_ITERS, only from those a replay window of that many iterations
-would hold (it moves on by --num_tasks tasks every --train_steps steps, as in a run). Every 100
-steps it prints held-out solved with one sample, and the share of 72 training tasks solved.
+with exit.py's batches, loss and learning rate, drawn from all the training tasks or, given
+WINDOW_ITERS, only from those a replay window of that many iterations would hold (it moves on
+by --num_tasks tasks every --train_steps steps, as in a run). Every 100 steps it prints held-out
+solved with one sample, and the share of 72 training tasks solved.
 Run from the repository root: python docs/perfect_expert.py mix.jsonl STEPS [WINDOW_ITERS]"""
 
 import itertools
